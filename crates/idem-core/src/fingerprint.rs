@@ -166,7 +166,12 @@ mod tests {
         // The content type differs (charset parameter), so these differ...
         assert_ne!(a, b);
         // ...but with the same content type they agree.
-        let c = f.fingerprint("POST", "/x", JSON, "{\n \"a\" : \"é\", \"b\": {\"x\":2, \"y\":1}}".as_bytes());
+        let c = f.fingerprint(
+            "POST",
+            "/x",
+            JSON,
+            "{\n \"a\" : \"é\", \"b\": {\"x\":2, \"y\":1}}".as_bytes(),
+        );
         assert_eq!(a, c);
     }
 
@@ -210,9 +215,24 @@ mod tests {
         let f = Fingerprinter::new()
             .exclude_field("sent_at")
             .exclude_field("meta.trace");
-        let a = f.fingerprint("POST", "/", JSON, br#"{"v":1,"sent_at":1,"meta":{"trace":"a","k":1}}"#);
-        let b = f.fingerprint("POST", "/", JSON, br#"{"v":1,"sent_at":2,"meta":{"trace":"b","k":1}}"#);
-        let c = f.fingerprint("POST", "/", JSON, br#"{"v":1,"sent_at":2,"meta":{"trace":"b","k":2}}"#);
+        let a = f.fingerprint(
+            "POST",
+            "/",
+            JSON,
+            br#"{"v":1,"sent_at":1,"meta":{"trace":"a","k":1}}"#,
+        );
+        let b = f.fingerprint(
+            "POST",
+            "/",
+            JSON,
+            br#"{"v":1,"sent_at":2,"meta":{"trace":"b","k":1}}"#,
+        );
+        let c = f.fingerprint(
+            "POST",
+            "/",
+            JSON,
+            br#"{"v":1,"sent_at":2,"meta":{"trace":"b","k":2}}"#,
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -206,17 +206,45 @@ mod tests {
         let cases: &[(&[u8], KeyError)] = &[
             (b"", Empty),
             (b"\"\"", Empty),
-            (b"a b", InvalidByte { position: 1, byte: b' ' }),
-            (b"\"a b\"", InvalidByte { position: 2, byte: b' ' }),
-            (b"ab\x7f", InvalidByte { position: 2, byte: 0x7f }),
-            (b"\xc3\xa9", InvalidByte { position: 0, byte: 0xc3 }),
+            (
+                b"a b",
+                InvalidByte {
+                    position: 1,
+                    byte: b' ',
+                },
+            ),
+            (
+                b"\"a b\"",
+                InvalidByte {
+                    position: 2,
+                    byte: b' ',
+                },
+            ),
+            (
+                b"ab\x7f",
+                InvalidByte {
+                    position: 2,
+                    byte: 0x7f,
+                },
+            ),
+            (
+                b"\xc3\xa9",
+                InvalidByte {
+                    position: 0,
+                    byte: 0xc3,
+                },
+            ),
             (b"\"abc", UnterminatedString),
             (b"\"abc\\", UnterminatedString),
             (b"\"a\\nb\"", InvalidEscape { position: 2 }),
             (b"\"abc\";p=1", TrailingCharacters { position: 5 }),
         ];
         for (input, expected) in cases {
-            assert_eq!(IdempotencyKey::parse(input).unwrap_err(), *expected, "{input:?}");
+            assert_eq!(
+                IdempotencyKey::parse(input).unwrap_err(),
+                *expected,
+                "{input:?}"
+            );
         }
     }
 
@@ -236,7 +264,13 @@ mod tests {
         ));
         // 254 characters plus one escaped quote: 255 after unquoting.
         let escaped = format!("\"{}\\\"\"", "k".repeat(MAX_KEY_LEN - 1));
-        assert_eq!(IdempotencyKey::parse(escaped.as_bytes()).unwrap().as_str().len(), 255);
+        assert_eq!(
+            IdempotencyKey::parse(escaped.as_bytes())
+                .unwrap()
+                .as_str()
+                .len(),
+            255
+        );
     }
 
     #[test]

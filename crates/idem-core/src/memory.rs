@@ -57,8 +57,8 @@ impl MemoryStore {
 
     /// A store on the given clock (tests pass a [`ManualClock`](crate::ManualClock)).
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
-        let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 8)
-            .next_power_of_two();
+        let shards =
+            (std::thread::available_parallelism().map_or(4, |n| n.get()) * 8).next_power_of_two();
         Self {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
             clock,

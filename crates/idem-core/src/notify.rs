@@ -10,6 +10,8 @@ use tokio::sync::Notify;
 
 use crate::RecordId;
 
+type Waiters = Mutex<HashMap<RecordId, Arc<Notify>>>;
+
 /// A future that resolves when its record is notified.
 pub type Settled = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -20,7 +22,7 @@ pub type Settled = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// flight; a writer calls [`notify`](Self::notify) *after* the new state is visible.
 #[derive(Debug)]
 pub struct CompletionNotifier {
-    shards: Box<[Mutex<HashMap<RecordId, Arc<Notify>>>]>,
+    shards: Box<[Waiters]>,
 }
 
 impl Default for CompletionNotifier {
@@ -32,21 +34,24 @@ impl Default for CompletionNotifier {
 impl CompletionNotifier {
     /// A notifier with a shard count suited to this machine.
     pub fn new() -> Self {
-        let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 4)
-            .next_power_of_two();
+        let shards =
+            (std::thread::available_parallelism().map_or(4, |n| n.get()) * 4).next_power_of_two();
         Self {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
         }
     }
 
-    fn shard(&self, id: &RecordId) -> &Mutex<HashMap<RecordId, Arc<Notify>>> {
+    fn shard(&self, id: &RecordId) -> &Waiters {
         &self.shards[id.shard(self.shards.len())]
     }
 
     /// Registers interest in `id`; the future resolves at the next [`notify`](Self::notify)
     /// of `id` after this call.
     pub fn listen(&self, id: &RecordId) -> Settled {
-        let mut waiters = self.shard(id).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut waiters = self
+            .shard(id)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let notify = waiters.entry(*id).or_default().clone();
         let mut notified = Box::pin(notify.notified_owned());
         // Registered while the shard is locked, so a notify cannot slip in between.

@@ -390,12 +390,12 @@ pub fn claim(
 
 /// The record if `token` holds it: live, in flight, same token. A holder whose lease
 /// passed but was not taken over still holds the record.
-fn held<'a>(
-    existing: Option<&'a Record>,
+fn held(
+    existing: Option<&Record>,
     id: RecordId,
     token: FencingToken,
     now: Timestamp,
-) -> Result<&'a Record, Error> {
+) -> Result<&Record, Error> {
     match existing {
         Some(record)
             if record.is_live(now)
