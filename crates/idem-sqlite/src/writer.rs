@@ -1,0 +1,267 @@
+//! The writer thread: the one connection that writes, with group commit.
+//!
+//! Operations arrive over a bounded channel. The thread takes the first one, drains
+//! whatever else is queued (up to the batch limit) and applies them all in one
+//! `BEGIN IMMEDIATE ... COMMIT`, so one sync to disk makes the whole batch durable. Each
+//! operation runs inside its own savepoint: one that fails is rolled back alone and the
+//! others go on. Answers are sent only after the commit: if it fails, every operation of
+//! the batch gets the error, and nothing is reported done that is not on disk. Waiters of
+//! records that settled are woken after the commit, when the new state is visible.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use idem_core::{Error, RecordId};
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{self, SharedFailure};
+use crate::queries::{Db, Shared};
+use crate::stats::Counters;
+
+/// What an operation returns when applied: its answer, and the ids whose waiters to wake
+/// once the batch is committed.
+pub(crate) struct Done<T> {
+    pub(crate) value: T,
+    pub(crate) settled: Vec<RecordId>,
+}
+
+impl<T> Done<T> {
+    /// An answer that wakes nobody.
+    pub(crate) fn quiet(value: T) -> Self {
+        Self {
+            value,
+            settled: Vec::new(),
+        }
+    }
+}
+
+/// An operation waiting in the writer's queue.
+pub(crate) trait Pending: Send {
+    /// Applies the operation in the open transaction; false if it failed and its writes
+    /// must be rolled back.
+    fn apply(&mut self, db: &Db<'_>) -> bool;
+
+    /// Ids whose waiters to wake once the batch is committed.
+    fn settled(&self) -> &[RecordId];
+
+    /// Sends the answer: the operation's own result if the batch committed, else the
+    /// batch's failure.
+    fn finish(self: Box<Self>, failure: Option<&SharedFailure>);
+}
+
+/// A [`Pending`] operation from a closure and the channel its answer goes back on.
+struct Task<T, F> {
+    work: Option<F>,
+    result: Option<Result<Done<T>, Error>>,
+    reply: oneshot::Sender<Result<T, Error>>,
+}
+
+/// Makes an operation of `work`; the receiver gets its answer.
+pub(crate) fn task<T, F>(work: F) -> (Box<dyn Pending>, oneshot::Receiver<Result<T, Error>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let task = Task {
+        work: Some(work),
+        result: None,
+        reply,
+    };
+    (Box::new(task), answer)
+}
+
+impl<T, F> Pending for Task<T, F>
+where
+    T: Send,
+    F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send,
+{
+    fn apply(&mut self, db: &Db<'_>) -> bool {
+        let Some(work) = self.work.take() else {
+            return false;
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| work(db))).unwrap_or_else(|_| {
+            Err(Error::Backend {
+                message: format!("{}: the operation panicked", db.shared.path),
+                source: None,
+            })
+        });
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn settled(&self) -> &[RecordId] {
+        match &self.result {
+            Some(Ok(done)) => &done.settled,
+            _ => &[],
+        }
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&SharedFailure>) {
+        let answer = match (failure, self.result) {
+            (Some(failure), _) => Err(failure.to_error()),
+            (None, Some(result)) => result.map(|done| done.value),
+            (None, None) => Err(Error::Backend {
+                message: "the operation was not applied".into(),
+                source: None,
+            }),
+        };
+        // The caller may have stopped waiting (its future was dropped); the operation
+        // stands all the same.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// The handle to the writer thread: dropping it closes the queue and joins the thread,
+/// which finishes the operations already queued first.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    queue: Option<mpsc::Sender<Box<dyn Pending>>>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    /// Starts the writer thread on `conn`.
+    pub(crate) fn spawn(
+        conn: Connection,
+        shared: Arc<Shared>,
+        max_batch: usize,
+        capacity: usize,
+    ) -> Result<Self, Error> {
+        let (queue, receiver) = mpsc::channel(capacity);
+        let thread = std::thread::Builder::new()
+            .name("idem-sqlite-writer".into())
+            .spawn({
+                let shared = shared.clone();
+                move || run(conn, receiver, &shared, max_batch)
+            })
+            .map_err(|err| {
+                Error::backend(
+                    format!("{}: cannot start the writer thread", shared.path),
+                    err,
+                )
+            })?;
+        Ok(Self {
+            queue: Some(queue),
+            thread: Some(thread),
+            shared,
+        })
+    }
+
+    /// Operations waiting in the queue.
+    pub(crate) fn queued(&self) -> u64 {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| (q.max_capacity() - q.capacity()) as u64)
+    }
+
+    /// A sender for the reaper.
+    pub(crate) fn queue(&self) -> Option<mpsc::Sender<Box<dyn Pending>>> {
+        self.queue.clone()
+    }
+
+    /// Queues `work` and waits for its answer, after its batch committed.
+    pub(crate) async fn run<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
+    {
+        let (op, answer) = task(work);
+        let path = &self.shared.path;
+        let queue = self
+            .queue
+            .as_ref()
+            .ok_or_else(|| error::stopped(path, "writer thread"))?;
+        queue
+            .send(op)
+            .await
+            .map_err(|_| error::stopped(path, "writer thread"))?;
+        Counters::add(&self.shared.stats.submitted, 1);
+        answer.await.map_err(|_| Error::Unavailable {
+            message: format!(
+                "{path}: the writer thread stopped before answering; \
+                 the operation may or may not have been applied"
+            ),
+            source: None,
+        })?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            // A panicked writer has nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(
+    conn: Connection,
+    mut queue: mpsc::Receiver<Box<dyn Pending>>,
+    shared: &Shared,
+    max_batch: usize,
+) {
+    let db = Db {
+        conn: &conn,
+        shared,
+    };
+    let mut batch = Vec::new();
+    // Blocks for the first operation, then takes whatever else is queued.
+    while queue.blocking_recv_many(&mut batch, max_batch) > 0 {
+        let outcome = apply_batch(&db, &mut batch);
+        let stats = &shared.stats;
+        let size = batch.len() as u64;
+        Counters::add(&stats.ops, size);
+        match &outcome {
+            Ok(()) => {
+                Counters::add(&stats.commits, 1);
+                stats.largest_batch.fetch_max(size, Ordering::Relaxed);
+            }
+            Err(_) => Counters::add(&stats.failed_batches, 1),
+        }
+        let failure = outcome.err();
+        let mut settled = Vec::new();
+        for op in batch.drain(..) {
+            if failure.is_none() {
+                settled.extend_from_slice(op.settled());
+            }
+            op.finish(failure.as_ref());
+        }
+        for id in &settled {
+            shared.notifier.notify(id);
+        }
+    }
+}
+
+/// Applies every operation of the batch in one transaction and commits it.
+fn apply_batch(db: &Db<'_>, batch: &mut [Box<dyn Pending>]) -> Result<(), SharedFailure> {
+    let path = &db.shared.path;
+    let exec = |sql: &str, doing: &str| {
+        db.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .map_err(|err| SharedFailure::new(path, doing, err))
+    };
+    exec("BEGIN IMMEDIATE", "beginning a transaction")?;
+    let applied = batch.iter_mut().try_for_each(|op| {
+        exec("SAVEPOINT op", "opening a savepoint")?;
+        if !op.apply(db) {
+            exec("ROLLBACK TO op", "rolling back a failed operation")?;
+        }
+        exec("RELEASE op", "closing a savepoint")
+    });
+    let committed = applied.and_then(|()| exec("COMMIT", "committing"));
+    if committed.is_err() && !db.conn.is_autocommit() {
+        // Nothing of the batch may stay; the error already says what went wrong.
+        let _ = db.conn.execute_batch("ROLLBACK");
+    }
+    committed
+}
