@@ -86,6 +86,14 @@ impl Error {
         }
     }
 
+    /// An [`Error::Corrupt`] with a source.
+    pub fn corrupt_with(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Corrupt {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
     /// True for [`Error::LeaseLost`].
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, Error::LeaseLost { .. })

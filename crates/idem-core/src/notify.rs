@@ -72,6 +72,22 @@ impl CompletionNotifier {
         }
     }
 
+    /// Wakes every waiter of every id: for a store that may have missed notifications (a
+    /// lost connection to the server that sends them). Woken waiters read the record again.
+    pub fn notify_all(&self) {
+        for shard in self.shards.iter() {
+            let drained: Vec<Arc<Notify>> = shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain()
+                .map(|(_, notify)| notify)
+                .collect();
+            for notify in drained {
+                notify.notify_waiters();
+            }
+        }
+    }
+
     /// How many ids have registered waiters (for tests and metrics).
     pub fn watched(&self) -> usize {
         self.shards

@@ -339,7 +339,8 @@ pub fn claim(
             fingerprint: request.fingerprint,
             token,
             state: RecordState::InFlight { lease_until },
-            retention: request.retention,
+            // Whole milliseconds, as every store keeps it.
+            retention: Duration::from_millis(duration_millis(request.retention)),
             expires_at: lease_until.saturating_add(request.retention),
         };
         let lease = Lease {

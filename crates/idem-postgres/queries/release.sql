@@ -1,0 +1,19 @@
+-- Releases the in-flight record $1 held by token $2: a tombstone keeping the token until
+-- the retention ends. Notifies waiters at commit.
+WITH clock AS (
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
+),
+done AS (
+    UPDATE {{table}} AS r
+    SET state = 2, response = NULL, settled_at = c.now, expires_at = c.now + r.retention,
+        holder = NULL
+    FROM clock c
+    WHERE r.id = $1 AND r.token = $2 AND r.state = 0 AND r.expires_at > c.now
+    RETURNING r.id
+),
+notified AS (
+    SELECT pg_notify('{{channel}}', encode(id, 'hex')) FROM done
+)
+SELECT (SELECT count(*) FROM notified) AS changed,
+       (SELECT r.token FROM {{table}} r, clock c WHERE r.id = $1 AND r.expires_at > c.now)
+           AS current

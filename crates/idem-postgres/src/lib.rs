@@ -1,0 +1,662 @@
+//! The PostgreSQL store for idem: one table shared by any number of gateway replicas.
+//!
+//! Every transition is one statement and one round trip: a claim is an
+//! `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE` that takes an absent, released or
+//! expired record, or takes over a lease that passed, bumping the fencing token; complete,
+//! release and renew are `UPDATE`s conditional on the token. Every time comes from the
+//! server's clock (`clock_timestamp()`), never from a gateway's, so clock skew between
+//! replicas cannot make two of them both believe they hold a record. Waiters in every
+//! replica are woken by `LISTEN/NOTIFY` when a record settles.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use idem_core::Store;
+//! use idem_postgres::{PostgresOptions, PostgresStore};
+//!
+//! # async fn run() -> Result<(), idem_core::Error> {
+//! let store: Arc<dyn Store> = Arc::new(
+//!     PostgresStore::connect("postgres://idem@127.0.0.1:5432/idem", PostgresOptions::default())
+//!         .await?,
+//! );
+//! # Ok(()) }
+//! ```
+//!
+//! # Options
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `schema` | `public` | schema of the records table (created if missing) |
+//! | `table` | `idem_records` | the records table; its migrations table is `<table>_migrations` |
+//! | `pool_size` | 16 | connections in the pool |
+//! | `migrate` | `true` | run pending migrations when connecting (else [`migrate`] does it) |
+//!
+//! # Resolving lost answers
+//!
+//! When the connection fails while a claim is under way, whether the claim committed is
+//! unknown. Each claim writes a random nonce with its row; the store then reads the row back
+//! on a fresh connection and, if the nonce is its own, returns the lease it took. It never
+//! assumes either way.
+
+mod migrate;
+mod queries;
+mod row;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use idem_core::notify::CompletionNotifier;
+use idem_core::record::{self, Decision};
+use idem_core::{
+    ClaimOutcome, ClaimRequest, Completion, Error, FencingToken, Inspect, Lease, ListFilter,
+    Record, RecordId, RecordState, StateKind, Store, Timestamp, WaitForCompletion, duration_millis,
+};
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+pub use migrate::migrate;
+use queries::Queries;
+
+/// How to connect and where the records live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Schema of the records table; created if missing. Default `public`.
+    pub schema: String,
+    /// The records table. Default `idem_records`.
+    pub table: String,
+    /// Connections in the pool. Default 16.
+    pub pool_size: usize,
+    /// Run pending migrations when connecting. Default `true`.
+    pub migrate: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            schema: "public".into(),
+            table: "idem_records".into(),
+            pool_size: 16,
+            migrate: true,
+        }
+    }
+}
+
+/// Claims that lose a race with a concurrent writer re-run; this bounds the re-runs.
+const MAX_CLAIM_ROUNDS: usize = 16;
+
+/// Records in a PostgreSQL table.
+pub struct PostgresStore {
+    pool: Pool,
+    queries: Arc<Queries>,
+    notifier: Arc<CompletionNotifier>,
+    listener: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.queries.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> Error {
+    if e.code().is_some() {
+        Error::backend(format!("postgres: {context}"), e)
+    } else {
+        Error::unavailable(format!("postgres: {context}"), e)
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    Error::unavailable("postgres: no connection from the pool", e)
+}
+
+/// Whether a statement's failure leaves its effect unknown (the connection broke while it
+/// was under way) rather than known not to have happened.
+fn outcome_unknown(e: &tokio_postgres::Error) -> bool {
+    e.code().is_none()
+}
+
+/// Serialization failures and deadlocks: the statement did nothing and may simply run again.
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(duration_millis(d)).unwrap_or(i64::MAX)
+}
+
+fn nonce() -> Result<[u8; 16], Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::backend("no randomness for a claim nonce", e.to_string()))?;
+    Ok(bytes)
+}
+
+impl PostgresStore {
+    /// Connects a pool to `url` (`postgres://user:password@host:port/database`), runs
+    /// pending migrations (unless disabled) and starts listening for completions.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, Error> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| Error::InvalidRequest {
+            reason: format!("invalid PostgreSQL URL: {e}"),
+        })?;
+        let queries = Arc::new(Queries::new(&options.schema, &options.table)?);
+        if options.migrate {
+            migrate::run(&config, &queries).await?;
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .build()
+            .map_err(|e| Error::backend("postgres: cannot build the pool", e))?;
+        // Check the table is there (and the schema current) before accepting work.
+        migrate::check(&pool, &queries).await?;
+        let notifier = Arc::new(CompletionNotifier::new());
+        let listener = listen::start(config, queries.channel.clone(), notifier.clone()).await?;
+        Ok(Self {
+            pool,
+            queries,
+            notifier,
+            listener,
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, Error> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Claims distinct ids in one statement. `None` for an id whose row changed under the
+    /// statement's snapshot (a concurrent writer won a race): the caller claims it again.
+    async fn claim_round(
+        &self,
+        requests: &[&ClaimRequest],
+    ) -> Result<Vec<Option<ClaimOutcome>>, Error> {
+        let holder = nonce()?;
+        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
+        let fingerprints: Vec<&[u8]> = requests
+            .iter()
+            .map(|r| &r.fingerprint.as_bytes()[..])
+            .collect();
+        let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
+        let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
+        let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&self.queries.claim)
+            .await
+            .map_err(|e| pg_error("prepare claim", e))?;
+        let rows = match client
+            .query(
+                &statement,
+                &[&ids, &fingerprints, &leases, &retentions, &holders],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if retryable(&e) => return Ok(vec![None; requests.len()]),
+            Err(e) if outcome_unknown(&e) => {
+                drop(client);
+                return self.resolve_lost_claims(requests, &holder, e).await;
+            }
+            Err(e) => return Err(pg_error("claim", e)),
+        };
+        let mut by_id: HashMap<RecordId, ClaimRow> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let (record, taken_over) = row::record(row)?;
+            let claimed: bool = row.try_get("claimed").map_err(row::decode_error)?;
+            let now: i64 = row.try_get("now").map_err(row::decode_error)?;
+            let now = row::timestamp(now)?;
+            by_id.insert(
+                record.id,
+                ClaimRow {
+                    claimed,
+                    record,
+                    now,
+                    taken_over,
+                },
+            );
+        }
+        Ok(requests
+            .iter()
+            .map(|request| {
+                let row = by_id.get(&request.id)?;
+                if row.claimed {
+                    return Some(claimed_outcome(&row.record, row.taken_over));
+                }
+                existing_outcome(&row.record, request, row.now)
+            })
+            .collect())
+    }
+
+    /// After a claim statement failed with its connection: reads back which of the ids carry
+    /// this claim's nonce (those the claim took), on a fresh connection. The others are
+    /// claimed again by the caller.
+    async fn resolve_lost_claims(
+        &self,
+        requests: &[&ClaimRequest],
+        holder: &[u8; 16],
+        cause: tokio_postgres::Error,
+    ) -> Result<Vec<Option<ClaimOutcome>>, Error> {
+        let unknown = || {
+            Error::unavailable(
+                "postgres: the connection failed during a claim and its outcome could not be read back",
+                format!("{cause}"),
+            )
+        };
+        let client = self.client().await.map_err(|_| unknown())?;
+        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
+        let rows = client
+            .query(&self.queries.claim_by_holder, &[&ids, &&holder[..]])
+            .await
+            .map_err(|_| unknown())?;
+        let mut mine = HashMap::new();
+        for row in &rows {
+            let (record, taken_over) = row::record(row)?;
+            mine.insert(record.id, claimed_outcome(&record, taken_over));
+        }
+        Ok(requests.iter().map(|r| mine.remove(&r.id)).collect())
+    }
+
+    async fn settle(
+        &self,
+        sql: &str,
+        what: &str,
+        id: &RecordId,
+        token: FencingToken,
+        response: Option<Bytes>,
+    ) -> Result<(), Error> {
+        let client = self.client().await?;
+        let token_i64 = row::token_param(token)?;
+        let id_bytes = &id.as_bytes()[..];
+        let row = match &response {
+            Some(body) => {
+                let body: &[u8] = body;
+                client.query_one(sql, &[&id_bytes, &token_i64, &body]).await
+            }
+            None => client.query_one(sql, &[&id_bytes, &token_i64]).await,
+        }
+        .map_err(|e| pg_error(what, e))?;
+        let changed: i64 = row.try_get("changed").map_err(row::decode_error)?;
+        if changed == 1 {
+            // Waiters in this process hear the NOTIFY too; waking them here saves the trip.
+            self.notifier.notify(id);
+            return Ok(());
+        }
+        let current: Option<i64> = row.try_get("current").map_err(row::decode_error)?;
+        Err(Error::LeaseLost {
+            id: *id,
+            token,
+            current: current.map(row::token).transpose()?,
+        })
+    }
+}
+
+/// One row of the claim statement.
+struct ClaimRow {
+    /// Whether this statement took the record.
+    claimed: bool,
+    record: Record,
+    /// The server's time of the statement.
+    now: Timestamp,
+    /// The (token, lease end) of the lease the claim took over.
+    taken_over: Option<(i64, i64)>,
+}
+
+/// The outcome for a row the claim took.
+fn claimed_outcome(record: &Record, taken_over: Option<(i64, i64)>) -> ClaimOutcome {
+    let lease_until = match record.state {
+        RecordState::InFlight { lease_until } => lease_until,
+        _ => unreachable!("a claimed row is in flight"),
+    };
+    let lease = Lease {
+        id: record.id,
+        token: record.token,
+        lease_until,
+    };
+    match taken_over {
+        Some((token, lease_until)) => ClaimOutcome::TookOver {
+            lease,
+            previous_token: FencingToken::new(token as u64),
+            previous_lease_until: Timestamp::from_millis(lease_until.max(0) as u64),
+        },
+        None => ClaimOutcome::Acquired(lease),
+    }
+}
+
+/// The outcome for a row the claim did not take; `None` if the row says it should have
+/// (the statement's snapshot was older than the row it conflicted with).
+fn existing_outcome(
+    record: &Record,
+    request: &ClaimRequest,
+    now: Timestamp,
+) -> Option<ClaimOutcome> {
+    match record::decide(Some(record), &request.fingerprint, now) {
+        Decision::Replay => match &record.state {
+            RecordState::Completed {
+                response,
+                completed_at,
+            } => Some(ClaimOutcome::Completed(Completion {
+                response: response.clone(),
+                completed_at: *completed_at,
+                expires_at: record.expires_at,
+                token: record.token,
+            })),
+            _ => None,
+        },
+        Decision::InFlight { lease_until } => Some(ClaimOutcome::InFlight { lease_until }),
+        Decision::Mismatch => Some(ClaimOutcome::Mismatch),
+        Decision::Claim { .. } | Decision::TakeOver { .. } => None,
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
+        let mut outcomes = self.claim_batch(std::slice::from_ref(request)).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| Error::backend("postgres: claim", "no outcome"))
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        token: FencingToken,
+        response: Bytes,
+    ) -> Result<(), Error> {
+        self.settle(
+            &self.queries.complete,
+            "complete",
+            id,
+            token,
+            Some(response),
+        )
+        .await
+    }
+
+    async fn release(&self, id: &RecordId, token: FencingToken) -> Result<(), Error> {
+        self.settle(&self.queries.release, "release", id, token, None)
+            .await
+    }
+
+    async fn renew(
+        &self,
+        id: &RecordId,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Timestamp, Error> {
+        if duration_millis(lease) == 0 {
+            return Err(Error::InvalidRequest {
+                reason: "the lease must be at least 1ms".into(),
+            });
+        }
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &self.queries.renew,
+                &[
+                    &&id.as_bytes()[..],
+                    &row::token_param(token)?,
+                    &millis_i64(lease),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error("renew", e))?;
+        let lease_until: Option<i64> = row.try_get("lease_until").map_err(row::decode_error)?;
+        match lease_until {
+            Some(until) => row::timestamp(until),
+            None => {
+                let current: Option<i64> = row.try_get("current").map_err(row::decode_error)?;
+                Err(Error::LeaseLost {
+                    id: *id,
+                    token,
+                    current: current.map(row::token).transpose()?,
+                })
+            }
+        }
+    }
+
+    async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(&self.queries.get, &[&&id.as_bytes()[..]])
+            .await
+            .map_err(|e| pg_error("get", e))?;
+        row.map(|r| row::record(&r).map(|(record, _)| record))
+            .transpose()
+    }
+
+    async fn claim_batch(&self, requests: &[ClaimRequest]) -> Result<Vec<ClaimOutcome>, Error> {
+        for request in requests {
+            request.validate()?;
+        }
+        let mut outcomes: Vec<Option<ClaimOutcome>> = vec![None; requests.len()];
+        let mut pending: Vec<usize> = (0..requests.len()).collect();
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > MAX_CLAIM_ROUNDS + requests.len() {
+                return Err(Error::Unavailable {
+                    message: "postgres: claims kept racing with concurrent writers".into(),
+                    source: None,
+                });
+            }
+            // One round claims the first pending occurrence of each id: an id appearing
+            // twice is claimed in a later round, and sees the earlier claim.
+            let mut seen = HashSet::new();
+            let (round, mut rest): (Vec<usize>, Vec<usize>) =
+                pending.iter().partition(|&&i| seen.insert(requests[i].id));
+            let batch: Vec<&ClaimRequest> = round.iter().map(|&i| &requests[i]).collect();
+            let results = self.claim_round(&batch).await?;
+            for (i, result) in round.into_iter().zip(results) {
+                match result {
+                    Some(outcome) => outcomes[i] = Some(outcome),
+                    None => rest.push(i),
+                }
+            }
+            rest.sort_unstable();
+            pending = rest;
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    async fn purge_expired(&self, limit: usize) -> Result<usize, Error> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&self.queries.purge, &[&limit])
+            .await
+            .map_err(|e| pg_error("purge", e))?;
+        for row in &rows {
+            let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
+            if let Some(id) = RecordId::from_slice(id) {
+                self.notifier.notify(&id);
+            }
+        }
+        Ok(rows.len())
+    }
+
+    async fn now(&self) -> Result<Timestamp, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(&self.queries.now, &[])
+            .await
+            .map_err(|e| pg_error("now", e))?;
+        row::timestamp(row.try_get("now").map_err(row::decode_error)?)
+    }
+
+    fn completion_waiter(&self) -> Option<&dyn WaitForCompletion> {
+        Some(self)
+    }
+
+    fn inspector(&self) -> Option<&dyn Inspect> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl WaitForCompletion for PostgresStore {
+    async fn wait_settled(&self, id: &RecordId) -> Result<(), Error> {
+        let settled = self.notifier.listen(id);
+        let in_flight = self
+            .get(id)
+            .await?
+            .is_some_and(|r| matches!(r.state, RecordState::InFlight { .. }));
+        if in_flight {
+            settled.await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Inspect for PostgresStore {
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Record>, Error> {
+        let client = self.client().await?;
+        let state: Option<i16> = filter.state.map(|s| match s {
+            StateKind::InFlight => 0,
+            StateKind::Completed => 1,
+            StateKind::Released => 2,
+        });
+        let after: Option<&[u8]> = filter.after.as_ref().map(|id| &id.as_bytes()[..]);
+        let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&self.queries.list, &[&state, &after, &limit])
+            .await
+            .map_err(|e| pg_error("list", e))?;
+        rows.iter()
+            .map(|r| row::record(r).map(|(record, _)| record))
+            .collect()
+    }
+
+    async fn remove(&self, id: &RecordId) -> Result<bool, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(&self.queries.remove, &[&&id.as_bytes()[..]])
+            .await
+            .map_err(|e| pg_error("remove", e))?;
+        let removed: i64 = row.try_get("removed").map_err(row::decode_error)?;
+        self.notifier.notify(id);
+        Ok(removed > 0)
+    }
+}
+
+mod listen {
+    //! The LISTEN connection: wakes this process's waiters when any replica settles a record.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use idem_core::notify::CompletionNotifier;
+    use idem_core::{Error, RecordId};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+    use tokio_postgres::{AsyncMessage, NoTls};
+
+    /// Starts the listener and waits until its first `LISTEN` is in place.
+    pub(crate) async fn start(
+        config: tokio_postgres::Config,
+        channel: String,
+        notifier: Arc<CompletionNotifier>,
+    ) -> Result<JoinHandle<()>, Error> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(run(config, channel, notifier, Some(ready_tx)));
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(task),
+            Ok(Err(e)) => {
+                task.abort();
+                Err(e)
+            }
+            Err(_) => Err(Error::Unavailable {
+                message: "postgres: the notification listener stopped".into(),
+                source: None,
+            }),
+        }
+    }
+
+    async fn run(
+        config: tokio_postgres::Config,
+        channel: String,
+        notifier: Arc<CompletionNotifier>,
+        mut ready: Option<oneshot::Sender<Result<(), Error>>>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match listen_once(&config, &channel, &notifier, &mut ready).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                    tracing::warn!(error = %e, "postgres notification listener disconnected; reconnecting");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One connection's life: LISTEN, dispatch notifications until it ends.
+    async fn listen_once(
+        config: &tokio_postgres::Config,
+        channel: &str,
+        notifier: &Arc<CompletionNotifier>,
+        ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
+    ) -> Result<(), Error> {
+        let (client, mut connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| crate::pg_error("listener connect", e))?;
+        let dispatch_notifier = notifier.clone();
+        let dispatch = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message {
+                    if let Some(id) = RecordId::from_hex(n.payload()) {
+                        dispatch_notifier.notify(&id);
+                    }
+                }
+            }
+        });
+        let listened = client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .map_err(|e| crate::pg_error("LISTEN", e));
+        if let Err(e) = listened {
+            dispatch.abort();
+            return Err(e);
+        }
+        // Settlements while no listener was connected were not heard: wake every waiter so
+        // it reads its record again.
+        notifier.notify_all();
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        let _ = dispatch.await;
+        drop(client);
+        notifier.notify_all();
+        Ok(())
+    }
+}

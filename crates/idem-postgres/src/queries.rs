@@ -1,0 +1,125 @@
+//! The SQL of every operation, with the configured schema and table names filled in.
+
+use idem_core::Error;
+
+/// Every statement the store runs, for one table.
+#[derive(Debug)]
+pub(crate) struct Queries {
+    pub(crate) schema: String,
+    /// `"schema"."table"`.
+    pub(crate) table: String,
+    /// `"schema"."table_migrations"`.
+    pub(crate) migrations_table: String,
+    /// The NOTIFY channel of this table.
+    pub(crate) channel: String,
+    pub(crate) migrations: Vec<(i32, &'static str, String)>,
+    pub(crate) claim: String,
+    pub(crate) claim_by_holder: String,
+    pub(crate) complete: String,
+    pub(crate) release: String,
+    pub(crate) renew: String,
+    pub(crate) get: String,
+    pub(crate) list: String,
+    pub(crate) purge: String,
+    pub(crate) remove: String,
+    pub(crate) now: String,
+}
+
+/// Migrations in order: (version, name, SQL). Never edit a released one; add the next.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "records", include_str!("../migrations/0001_records.sql"))];
+
+/// The schema version this build knows.
+pub(crate) const CURRENT_VERSION: i32 = 1;
+
+/// Schema and table names are interpolated into SQL, so only plain lower-case identifiers
+/// are accepted.
+fn identifier(kind: &str, name: &str) -> Result<(), Error> {
+    let valid = !name.is_empty()
+        && name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest {
+            reason: format!(
+                "invalid PostgreSQL {kind} name {name:?}: use 1 to 40 of a-z, 0-9 and _, not starting with a digit"
+            ),
+        })
+    }
+}
+
+impl Queries {
+    pub(crate) fn new(schema: &str, table: &str) -> Result<Self, Error> {
+        identifier("schema", schema)?;
+        identifier("table", table)?;
+        let qualified = format!("\"{schema}\".\"{table}\"");
+        let channel = format!("idem_{schema}_{table}");
+        let fill = |sql: &str| {
+            sql.replace("{{table}}", &qualified)
+                .replace("{{index_prefix}}", table)
+                .replace("{{channel}}", &channel)
+        };
+        Ok(Self {
+            schema: schema.to_owned(),
+            migrations_table: format!("\"{schema}\".\"{table}_migrations\""),
+            migrations: MIGRATIONS
+                .iter()
+                .map(|(version, name, sql)| (*version, *name, fill(sql)))
+                .collect(),
+            claim: fill(include_str!("../queries/claim.sql")),
+            claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
+            complete: fill(include_str!("../queries/complete.sql")),
+            release: fill(include_str!("../queries/release.sql")),
+            renew: fill(include_str!("../queries/renew.sql")),
+            get: fill(include_str!("../queries/get.sql")),
+            list: fill(include_str!("../queries/list.sql")),
+            purge: fill(include_str!("../queries/purge.sql")),
+            remove: fill(include_str!("../queries/remove.sql")),
+            now: fill(include_str!("../queries/now.sql")),
+            table: qualified,
+            channel,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_before_they_reach_sql() {
+        assert!(Queries::new("public", "idem_records").is_ok());
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "A",
+            "x\"; drop table y; --",
+            &"a".repeat(41),
+        ] {
+            assert!(Queries::new("public", bad).is_err(), "{bad:?}");
+            assert!(Queries::new(bad, "t").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_placeholder_is_filled() {
+        let q = Queries::new("s", "t").unwrap();
+        for sql in [
+            &q.claim,
+            &q.complete,
+            &q.release,
+            &q.renew,
+            &q.get,
+            &q.list,
+            &q.purge,
+        ] {
+            assert!(!sql.contains("{{"), "{sql}");
+        }
+        assert!(q.migrations.iter().all(|(_, _, sql)| !sql.contains("{{")));
+    }
+}

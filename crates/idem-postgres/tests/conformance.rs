@@ -1,0 +1,60 @@
+//! The conformance suite against a real PostgreSQL server.
+//!
+//! The server comes from `IDEM_TEST_POSTGRES_URL` (`scripts/test` starts one and sets it).
+//! Each check gets its own table, so checks run in parallel without seeing each other's
+//! records; time moves for real (the server's clock).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use idem_core::Store;
+use idem_core::conformance::Harness;
+use idem_postgres::{PostgresOptions, PostgresStore};
+
+struct PgHarness {
+    store: Arc<dyn Store>,
+}
+
+#[async_trait]
+impl Harness for PgHarness {
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    async fn advance(&self, by: Duration) {
+        tokio::time::sleep(by).await;
+    }
+}
+
+fn url() -> String {
+    std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "IDEM_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL, \
+             or point it at a server (postgres://user@127.0.0.1:port/db)"
+        )
+    })
+}
+
+async fn harness() -> PgHarness {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let options = PostgresOptions {
+        schema: "idem_conformance".into(),
+        table: format!(
+            "t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ),
+        pool_size: 8,
+        migrate: true,
+    };
+    let store = PostgresStore::connect(&url(), options)
+        .await
+        .expect("connect to PostgreSQL");
+    PgHarness {
+        store: Arc::new(store),
+    }
+}
+
+idem_core::conformance_tests!(harness);
