@@ -38,6 +38,12 @@ pub trait Harness: Send + Sync {
 
     /// Moves the store's time forward by at least `by`.
     async fn advance(&self, by: Duration);
+
+    /// True for stores whose server deletes expired records by itself (Redis TTLs), so
+    /// that [`Store::purge_expired`] finds nothing to do.
+    fn expires_by_itself(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Harness`] for stores that take a [`Clock`]: time is a [`ManualClock`] and
@@ -540,9 +546,13 @@ pub async fn purge_removes_only_expired_records(h: &dyn Harness) {
     for id in [live_done, live_released, live_in_flight] {
         before.push(store.get(&id).await.expect("get").expect("live record"));
     }
-    assert_eq!(store.purge_expired(1).await.expect("purge"), 1);
-    assert_eq!(store.purge_expired(100).await.expect("purge"), 2);
-    assert_eq!(store.purge_expired(100).await.expect("purge"), 0);
+    if h.expires_by_itself() {
+        assert_eq!(store.purge_expired(100).await.expect("purge"), 0);
+    } else {
+        assert_eq!(store.purge_expired(1).await.expect("purge"), 1);
+        assert_eq!(store.purge_expired(100).await.expect("purge"), 2);
+        assert_eq!(store.purge_expired(100).await.expect("purge"), 0);
+    }
     for record in before {
         assert_eq!(store.get(&record.id).await.expect("get"), Some(record));
     }
