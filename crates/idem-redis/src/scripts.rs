@@ -1,0 +1,134 @@
+//! The Lua scripts, one per transition, each with the small function that runs it.
+//!
+//! Scripts run with `EVALSHA`; [`redis::Script`] loads a script the server does not know
+//! (`NOSCRIPT`) and sends it again. Every script reads the server's clock with `TIME`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use idem_core::{ClaimRequest, FencingToken, RecordId, duration_millis};
+use redis::{Cmd, RedisResult, Script, Value};
+
+use crate::conn::Conn;
+use crate::keys::Keys;
+
+static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../scripts/claim.lua")));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../scripts/complete.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../scripts/release.lua")));
+static RENEW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../scripts/renew.lua")));
+static GET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../scripts/get.lua")));
+static REMOVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../scripts/remove.lua")));
+
+/// Durations beyond 2^50 ms (about 35,000 years) are taken as 2^50 ms, so that every time
+/// the scripts compute stays below 2^53, where Lua's numbers are exact.
+const MAX_MILLIS: u64 = 1 << 50;
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    duration_millis(d).min(MAX_MILLIS)
+}
+
+/// `claim.lua` as a command, for pipelines (the caller handles `NOSCRIPT`).
+pub(crate) fn claim_cmd(keys: &Keys, request: &ClaimRequest, holder: &str) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(CLAIM.get_hash())
+        .arg(1)
+        .arg(keys.record(&request.id))
+        .arg(crate::keys::hex(request.fingerprint.as_bytes()))
+        .arg(millis(request.lease))
+        .arg(millis(request.retention))
+        .arg(holder);
+    cmd
+}
+
+/// Loads `claim.lua` into the server's script cache (before pipelining `EVALSHA`s).
+pub(crate) async fn load_claim(conn: &mut Conn) -> RedisResult<()> {
+    CLAIM.load_async(conn).await.map(drop)
+}
+
+pub(crate) async fn claim(
+    conn: &mut Conn,
+    keys: &Keys,
+    request: &ClaimRequest,
+    holder: &str,
+) -> RedisResult<Value> {
+    CLAIM
+        .key(keys.record(&request.id))
+        .arg(crate::keys::hex(request.fingerprint.as_bytes()))
+        .arg(millis(request.lease))
+        .arg(millis(request.retention))
+        .arg(holder)
+        .invoke_async(conn)
+        .await
+}
+
+pub(crate) async fn complete(
+    conn: &mut Conn,
+    keys: &Keys,
+    id: &RecordId,
+    token: FencingToken,
+    response: &[u8],
+    nonce: &str,
+) -> RedisResult<Value> {
+    COMPLETE
+        .key(keys.record(id))
+        .arg(token.get())
+        .arg(response)
+        .arg(nonce)
+        .arg(keys.publish_command())
+        .arg(keys.channel(id))
+        .arg(id.to_hex())
+        .invoke_async(conn)
+        .await
+}
+
+pub(crate) async fn release(
+    conn: &mut Conn,
+    keys: &Keys,
+    id: &RecordId,
+    token: FencingToken,
+    nonce: &str,
+) -> RedisResult<Value> {
+    RELEASE
+        .key(keys.record(id))
+        .arg(token.get())
+        .arg(nonce)
+        .arg(keys.publish_command())
+        .arg(keys.channel(id))
+        .arg(id.to_hex())
+        .invoke_async(conn)
+        .await
+}
+
+pub(crate) async fn renew(
+    conn: &mut Conn,
+    keys: &Keys,
+    id: &RecordId,
+    token: FencingToken,
+    lease: Duration,
+) -> RedisResult<Value> {
+    RENEW
+        .key(keys.record(id))
+        .arg(token.get())
+        .arg(millis(lease))
+        .invoke_async(conn)
+        .await
+}
+
+pub(crate) async fn get(conn: &mut Conn, keys: &Keys, id: &RecordId) -> RedisResult<Value> {
+    GET.key(keys.record(id)).invoke_async(conn).await
+}
+
+pub(crate) async fn remove(conn: &mut Conn, keys: &Keys, id: &RecordId) -> RedisResult<bool> {
+    REMOVE
+        .key(keys.record(id))
+        .arg(keys.publish_command())
+        .arg(keys.channel(id))
+        .arg(id.to_hex())
+        .invoke_async(conn)
+        .await
+}
