@@ -1,0 +1,533 @@
+//! Behaviour of the Redis store beyond the shared suite: key expiry, the key layout,
+//! notifications between processes, reconnection, lost answers, corrupt records and
+//! configuration errors. Against the servers of `IDEM_TEST_REDIS_URL` and
+//! `IDEM_TEST_REDIS_CLUSTER_URL` (`scripts/test` starts them).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{CLUSTER, STANDALONE};
+use idem_core::{
+    ClaimOutcome, ClaimRequest, Error, Fingerprint, RecordId, RecordState, Store, WaitForCompletion,
+};
+use idem_redis::{RedisOptions, RedisStore};
+use redis::aio::ConnectionLike;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A plain connection to the same server, to look at what the store wrote.
+enum Raw {
+    Standalone(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Raw {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Raw::Standalone(c) => c.req_packed_command(cmd),
+            Raw::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Raw::Standalone(c) => c.req_packed_commands(cmd, offset, count),
+            Raw::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+async fn raw(var: &str) -> Raw {
+    let url = common::url(var);
+    match url.strip_prefix("redis+cluster://") {
+        Some(hosts) => {
+            let nodes: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+            let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+            Raw::Cluster(client.get_async_connection().await.unwrap())
+        }
+        None => {
+            let client = redis::Client::open(url).unwrap();
+            Raw::Standalone(client.get_multiplexed_async_connection().await.unwrap())
+        }
+    }
+}
+
+fn request(label: &str) -> ClaimRequest {
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    ClaimRequest::new(
+        RecordId::for_event("idem-redis-tests", &format!("{label}/{run}")),
+        Fingerprint::of_bytes(b"a"),
+    )
+    .with_lease(Duration::from_secs(5))
+    .with_retention(Duration::from_secs(30))
+}
+
+/// Two stores on one server and prefix: two gateway replicas.
+async fn two_replicas(var: &str) -> (Arc<RedisStore>, Arc<RedisStore>) {
+    let options = RedisOptions {
+        key_prefix: common::unique_prefix(),
+        ..RedisOptions::default()
+    };
+    let url = common::url(var);
+    let a = RedisStore::connect(&url, options.clone()).await.unwrap();
+    let b = RedisStore::connect(&url, options).await.unwrap();
+    (Arc::new(a), Arc::new(b))
+}
+
+async fn pexpiretime(conn: &mut Raw, key: &str) -> i64 {
+    redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// Every write sets the key's expiry to the record's `expires_at`: in flight, completed,
+/// released, renewed.
+async fn keys_expire_at_the_records_expiry(var: &str) {
+    let store = common::connect(var).await;
+    let mut conn = raw(var).await;
+    for settle in ["complete", "release", "renew"] {
+        let req = request(settle);
+        let key = store.record_key(&req.id);
+        let lease = *store.claim(&req).await.unwrap().lease().unwrap();
+        let record = store.get(&req.id).await.unwrap().unwrap();
+        assert_eq!(
+            pexpiretime(&mut conn, &key).await,
+            record.expires_at.as_millis() as i64
+        );
+        assert_eq!(
+            record.expires_at,
+            lease.lease_until.saturating_add(req.retention)
+        );
+        match settle {
+            "complete" => store
+                .complete(&req.id, lease.token, Bytes::from_static(b"r"))
+                .await
+                .unwrap(),
+            "release" => store.release(&req.id, lease.token).await.unwrap(),
+            _ => {
+                store
+                    .renew(&req.id, lease.token, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+            }
+        }
+        let record = store.get(&req.id).await.unwrap().unwrap();
+        assert_eq!(
+            pexpiretime(&mut conn, &key).await,
+            record.expires_at.as_millis() as i64,
+            "{settle}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn standalone_keys_expire_at_the_records_expiry() {
+    keys_expire_at_the_records_expiry(STANDALONE).await;
+}
+
+#[tokio::test]
+async fn cluster_keys_expire_at_the_records_expiry() {
+    keys_expire_at_the_records_expiry(CLUSTER).await;
+}
+
+/// A record is one hash under `<prefix>:{<hex id>}`, its fields readable with `HGETALL`.
+#[tokio::test]
+async fn a_record_is_one_hash_under_its_hash_tagged_key() {
+    let store = common::connect(STANDALONE).await;
+    let mut conn = raw(STANDALONE).await;
+    let req = request("layout");
+    let lease = *store.claim(&req).await.unwrap().lease().unwrap();
+    store
+        .complete(&req.id, lease.token, Bytes::from_static(b"the answer"))
+        .await
+        .unwrap();
+    let key = store.record_key(&req.id);
+    assert_eq!(
+        key,
+        format!("{}:{{{}}}", store.key_prefix(), req.id.to_hex())
+    );
+    let fields: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields["state"], b"completed");
+    assert_eq!(fields["token"], lease.token.to_string().as_bytes());
+    assert_eq!(fields["response"], b"the answer");
+    assert_eq!(fields["fingerprint"].len(), 64);
+    for field in [
+        "lease_until",
+        "retention",
+        "expires_at",
+        "settled_at",
+        "holder",
+        "settled_by",
+    ] {
+        assert!(fields.contains_key(field), "{field}");
+    }
+}
+
+/// A waiter in one replica is woken when another replica completes, releases or removes the
+/// record: the message crosses processes through the server.
+async fn waiters_are_woken_by_another_replica(var: &str) {
+    let (waiting, settling) = two_replicas(var).await;
+    for how in ["complete", "release", "remove"] {
+        let req = request(how);
+        let lease = *settling.claim(&req).await.unwrap().lease().unwrap();
+        let id = req.id;
+        let waiter = {
+            let waiting = waiting.clone();
+            tokio::spawn(async move { waiting.wait_settled(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "{how}: the record is in flight");
+        match how {
+            "complete" => settling
+                .complete(&id, lease.token, Bytes::new())
+                .await
+                .unwrap(),
+            "release" => settling.release(&id, lease.token).await.unwrap(),
+            _ => assert!(settling.inspector().unwrap().remove(&id).await.unwrap()),
+        }
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("{how}: the waiter was not woken"))
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_waiters_are_woken_by_another_replica() {
+    waiters_are_woken_by_another_replica(STANDALONE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_waiters_are_woken_by_another_replica() {
+    waiters_are_woken_by_another_replica(CLUSTER).await;
+}
+
+/// The standalone subscriber reconnects after its connection is killed, and waiters are
+/// woken by settlements made after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_subscriber_reconnects() {
+    let (waiting, settling) = two_replicas(STANDALONE).await;
+    let req = request("reconnect");
+    let lease = *settling.claim(&req).await.unwrap().lease().unwrap();
+    let id = req.id;
+    let waiter = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move { waiting.wait_settled(&id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut conn = raw(STANDALONE).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    // The waiter reads the record again and keeps waiting: it is still in flight.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiter.is_finished());
+    // Both subscribers are back by now (the first retry comes after 100 ms).
+    settling
+        .complete(&id, lease.token, Bytes::new())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken after the subscriber reconnected")
+        .unwrap()
+        .unwrap();
+}
+
+/// A TCP proxy in front of the standalone server that can lose one answer: armed, it lets
+/// the next script call through to the server and then drops that connection instead of
+/// passing the server's answer on.
+struct LossyProxy {
+    port: u16,
+    armed: Arc<AtomicBool>,
+}
+
+impl LossyProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let proxy_armed = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                tokio::spawn(forward(client, server, proxy_armed.clone()));
+            }
+        });
+        Self { port, armed }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn lose_next_answer(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn lost_one(&self) -> bool {
+        !self.armed.load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    // Set once this connection carried the armed script call: its answer is dropped.
+    let lose = Arc::new(AtomicBool::new(false));
+    let lose_answer = lose.clone();
+    let requests = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let script_call = buffer[..n].windows(7).any(|w| w == b"EVALSHA");
+            if script_call && armed.swap(false, Ordering::SeqCst) {
+                lose_answer.store(true, Ordering::SeqCst);
+            }
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if lose.load(Ordering::SeqCst) {
+            // The server ran the script; its answer is lost with the connection.
+            break;
+        }
+        if client_write.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    requests.abort();
+}
+
+fn upstream() -> String {
+    let url = common::url(STANDALONE);
+    let rest = url.strip_prefix("redis://").unwrap();
+    rest.split('/').next().unwrap().to_owned()
+}
+
+/// The connection fails after the claim ran on the server: the store sends it again with the
+/// same holder nonce and gets the lease the claim took, not "in flight".
+#[tokio::test]
+async fn a_lost_claim_answer_is_recovered() {
+    let proxy = LossyProxy::start(upstream()).await;
+    let options = RedisOptions {
+        key_prefix: common::unique_prefix(),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect(&proxy.url(), options).await.unwrap();
+    // Scripts are loaded, so the armed exchange is the claim itself.
+    store.claim(&request("warm-up")).await.unwrap();
+
+    let req = request("lost-claim");
+    proxy.lose_next_answer();
+    let outcome = store.claim(&req).await.unwrap();
+    assert!(proxy.lost_one(), "an answer was lost");
+    let lease = match outcome {
+        ClaimOutcome::Acquired(lease) => lease,
+        other => panic!("expected the lease the lost claim took, got {other:?}"),
+    };
+    let record = store.get(&req.id).await.unwrap().unwrap();
+    assert_eq!(record.token, lease.token);
+
+    // The same for completing: sent again, it reports success rather than a lost lease.
+    proxy.lose_next_answer();
+    store
+        .complete(&req.id, lease.token, Bytes::from_static(b"once"))
+        .await
+        .unwrap();
+    assert!(proxy.lost_one(), "an answer was lost");
+    match store.claim(&req).await.unwrap() {
+        ClaimOutcome::Completed(c) => assert_eq!(c.response, "once"),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+/// A batch whose answer is lost is sent again with the same nonces and answers as the
+/// first run would have.
+#[tokio::test]
+async fn a_lost_batch_answer_is_recovered() {
+    let proxy = LossyProxy::start(upstream()).await;
+    let options = RedisOptions {
+        key_prefix: common::unique_prefix(),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect(&proxy.url(), options).await.unwrap();
+    store.claim(&request("warm-up")).await.unwrap();
+    let a = request("lost-batch-a");
+    let b = request("lost-batch-b");
+    proxy.lose_next_answer();
+    let outcomes = store
+        .claim_batch(&[a.clone(), b.clone(), a.clone()])
+        .await
+        .unwrap();
+    assert!(proxy.lost_one(), "an answer was lost");
+    assert!(
+        matches!(outcomes[0], ClaimOutcome::Acquired(_)),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1], ClaimOutcome::Acquired(_)),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[2], ClaimOutcome::InFlight { .. }),
+        "{outcomes:?}"
+    );
+}
+
+/// A hash that does not decode is reported as corrupt, never replayed, never a panic.
+async fn corrupt_records_are_reported(var: &str) {
+    let store = common::connect(var).await;
+    let mut conn = raw(var).await;
+    let req = request("corrupt");
+    let key = store.record_key(&req.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("token")
+        .arg("not a number")
+        .arg("state")
+        .arg("completed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&req).await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.get(&req.id).await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store
+            .complete(&req.id, idem_core::FencingToken::new(1), Bytes::new())
+            .await,
+        Err(Error::Corrupt { .. })
+    ));
+    // The operator's way out.
+    assert!(store.inspector().unwrap().remove(&req.id).await.unwrap());
+    assert!(matches!(
+        store.claim(&req).await.unwrap(),
+        ClaimOutcome::Acquired(_)
+    ));
+}
+
+#[tokio::test]
+async fn standalone_corrupt_records_are_reported() {
+    corrupt_records_are_reported(STANDALONE).await;
+}
+
+#[tokio::test]
+async fn cluster_corrupt_records_are_reported() {
+    corrupt_records_are_reported(CLUSTER).await;
+}
+
+/// Listing finds records on every master of the cluster, in id order.
+#[tokio::test]
+async fn cluster_listing_covers_every_master() {
+    let store = common::connect(CLUSTER).await;
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let req = request(&format!("list-{i}"));
+        store.claim(&req).await.unwrap();
+        ids.push(req.id);
+    }
+    ids.sort();
+    let listed = store
+        .inspector()
+        .unwrap()
+        .list(&idem_core::ListFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<RecordId> = listed.iter().map(|r| r.id).collect();
+    assert_eq!(listed, ids);
+    assert!(
+        store
+            .get(&ids[0])
+            .await
+            .unwrap()
+            .is_some_and(|r| matches!(r.state, RecordState::InFlight { .. }))
+    );
+}
+
+#[tokio::test]
+async fn configuration_errors_are_reported() {
+    for url in [
+        "http://127.0.0.1:1",
+        "redis+cluster://",
+        "rediss+cluster://a:1",
+    ] {
+        assert!(
+            matches!(
+                RedisStore::connect(url, RedisOptions::default()).await,
+                Err(Error::InvalidRequest { .. })
+            ),
+            "{url}"
+        );
+    }
+    let bad_prefix = RedisOptions {
+        key_prefix: "a{b}".into(),
+        ..RedisOptions::default()
+    };
+    assert!(matches!(
+        RedisStore::connect(&common::url(STANDALONE), bad_prefix).await,
+        Err(Error::InvalidRequest { .. })
+    ));
+    // Nothing listens on port 1.
+    let options = RedisOptions {
+        connect_timeout: Duration::from_millis(500),
+        ..RedisOptions::default()
+    };
+    assert!(matches!(
+        RedisStore::connect("redis://127.0.0.1:1", options).await,
+        Err(Error::Unavailable { .. })
+    ));
+}
