@@ -1,0 +1,264 @@
+//! Prometheus metrics: what the idempotency layer did, how long the store took, what the
+//! upstream did, and the configured windows.
+//!
+//! Each gateway owns its recorder (nothing is installed globally), so several gateways in
+//! one process (tests, the demo) keep separate counts. `GET /metrics` on the admin
+//! listener renders it.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `idem_requests_total` | counter | `route`, `outcome` | what the layer did with a request (one request may count twice: `waited`, then `replayed`) |
+//! | `idem_releases_total` | counter | `route`, `reason` | claims released without a stored answer (a retry executes again) |
+//! | `idem_store_latency_seconds` | histogram | `op`, `result` | store operation latency |
+//! | `idem_in_flight_requests` | gauge | | requests executing upstream under a claim in this gateway |
+//! | `idem_upstream_requests_total` | counter | `result` | upstream calls: `ok`, `connect_error`, `timeout`, `connection_lost` |
+//! | `idem_route_retention_seconds` | gauge | `route`, `methods` | the replay window of each route |
+//! | `idem_route_lease_seconds` | gauge | `route`, `methods` | the lease of each route |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_tower::{Event, IdempotencyEvents, Routes, StoreOp};
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+const REQUESTS: &str = "idem_requests_total";
+const RELEASES: &str = "idem_releases_total";
+const STORE_LATENCY: &str = "idem_store_latency_seconds";
+const IN_FLIGHT: &str = "idem_in_flight_requests";
+const UPSTREAM: &str = "idem_upstream_requests_total";
+const RETENTION: &str = "idem_route_retention_seconds";
+const LEASE: &str = "idem_route_lease_seconds";
+
+/// Store latency buckets, in seconds: from a memory store's microseconds to a slow
+/// network round trip.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The gateway's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How the upstream call of one request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamResult {
+    /// Response headers arrived.
+    Ok,
+    /// The connection could not be made: the request was not sent.
+    ConnectError,
+    /// No answer within the upstream timeout.
+    Timeout,
+    /// The connection failed after the request was sent.
+    ConnectionLost,
+}
+
+impl UpstreamResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamResult::Ok => "ok",
+            UpstreamResult::ConnectError => "connect_error",
+            UpstreamResult::Timeout => "timeout",
+            UpstreamResult::ConnectionLost => "connection_lost",
+        }
+    }
+}
+
+static METADATA: Metadata<'static> = Metadata::new("idem", Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    /// An empty set of metrics, with their descriptions.
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new();
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Full(STORE_LATENCY.into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let metrics = Self {
+            recorder: Arc::new(recorder),
+            handle,
+        };
+        metrics.describe();
+        metrics
+    }
+
+    fn describe(&self) {
+        let describe = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+            self.recorder
+                .describe_counter(KeyName::from_const_str(name), unit, text.into());
+        };
+        describe(
+            REQUESTS,
+            None,
+            "Requests the idempotency layer handled, by route pattern and outcome.",
+        );
+        describe(
+            RELEASES,
+            None,
+            "Claims released without a stored answer (a retry executes again), by reason.",
+        );
+        describe(
+            UPSTREAM,
+            None,
+            "Calls to the upstream, by result (ok, connect_error, timeout, connection_lost).",
+        );
+        self.recorder.describe_histogram(
+            KeyName::from_const_str(STORE_LATENCY),
+            Some(Unit::Seconds),
+            "Latency of idempotency store operations, by operation and result.".into(),
+        );
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(IN_FLIGHT),
+            None,
+            "Requests executing upstream under a claim in this gateway.".into(),
+        );
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(RETENTION),
+            Some(Unit::Seconds),
+            "How long each route replays a completed request.".into(),
+        );
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(LEASE),
+            Some(Unit::Seconds),
+            "How long a claim holds a key on each route without renewal.".into(),
+        );
+        // Present from the start, so dashboards see zero rather than nothing.
+        self.gauge(IN_FLIGHT, Vec::new()).set(0.0);
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    /// Publishes the retention and lease of every route.
+    pub fn routes(&self, routes: &Routes) {
+        for route in routes.iter() {
+            let methods = route
+                .policy()
+                .methods()
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            let labels = || {
+                vec![
+                    Label::new("route", route.pattern().to_string()),
+                    Label::new("methods", methods.clone()),
+                ]
+            };
+            self.gauge(RETENTION, labels())
+                .set(route.policy().retention().as_secs_f64());
+            self.gauge(LEASE, labels())
+                .set(route.policy().lease().as_secs_f64());
+        }
+    }
+
+    /// Counts an upstream call.
+    pub fn upstream(&self, result: UpstreamResult) {
+        self.counter(UPSTREAM, vec![Label::new("result", result.as_str())])
+            .increment(1);
+    }
+
+    /// Counts a request executing upstream under a claim until the guard is dropped.
+    pub fn in_flight(&self) -> InFlightGuard {
+        let gauge = self.gauge(IN_FLIGHT, Vec::new());
+        gauge.increment(1.0);
+        InFlightGuard(gauge)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard(Gauge);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+impl IdempotencyEvents for Metrics {
+    fn event(&self, route: &str, event: Event) {
+        let route = Label::new("route", route.to_string());
+        match event {
+            Event::Released(reason) => {
+                self.counter(RELEASES, vec![route, Label::new("reason", reason.as_str())])
+                    .increment(1);
+            }
+            other => {
+                self.counter(REQUESTS, vec![route, Label::new("outcome", other.as_str())])
+                    .increment(1);
+            }
+        }
+    }
+
+    fn store_latency(&self, op: StoreOp, elapsed: Duration, ok: bool) {
+        let labels = vec![
+            Label::new("op", op.as_str()),
+            Label::new("result", if ok { "ok" } else { "error" }),
+        ];
+        self.recorder
+            .register_histogram(&Key::from_parts(STORE_LATENCY, labels), &METADATA)
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_events_latencies_and_routes() {
+        let metrics = Metrics::new();
+        metrics.event("/v1/charges", Event::Executed);
+        metrics.event("/v1/charges", Event::Replayed);
+        metrics.event("/v1/charges", Event::Replayed);
+        metrics.event(
+            "/v1/charges",
+            Event::Released(idem_tower::ReleaseReason::RetryableStatus),
+        );
+        metrics.store_latency(StoreOp::Claim, Duration::from_millis(2), true);
+        metrics.upstream(UpstreamResult::Timeout);
+        let guard = metrics.in_flight();
+        metrics.routes(&Routes::new());
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"idem_requests_total{route="/v1/charges",outcome="replayed"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"reason="retryable_status""#), "{text}");
+        assert!(text.contains("idem_store_latency_seconds_bucket"), "{text}");
+        assert!(text.contains("idem_in_flight_requests 1"), "{text}");
+        drop(guard);
+        assert!(metrics.render().contains("idem_in_flight_requests 0"));
+    }
+}
