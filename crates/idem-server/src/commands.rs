@@ -89,11 +89,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = match config.admin_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
-        ),
+        Some(addr) => {
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "admin_listen is not a loopback address: the admin API has no authentication");
+            }
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin_listen)"))?,
+            )
+        }
         None => None,
     };
     info!(

@@ -87,7 +87,7 @@ impl fmt::Display for Report {
             self.options.drop_rate * 100.0,
             self.options.seed
         )?;
-        writeln!(f, "  {:<30}{:>12}{:>15}", "", "with idem", "without idem")?;
+        writeln!(f, "  {:<34}{:>12}{:>15}", "", "with idem", "without idem")?;
         let rows: [(&str, u64, String); 6] = [
             ("requests sent", w.requests, wo.requests.to_string()),
             ("retries (same key)", w.retries, wo.retries.to_string()),
@@ -109,7 +109,7 @@ impl fmt::Display for Report {
             ),
         ];
         for (name, with, without) in rows {
-            writeln!(f, "  {name:<30}{with:>12}{without:>15}")?;
+            writeln!(f, "  {name:<34}{with:>12}{without:>15}")?;
         }
         writeln!(f)?;
         if w.duplicate_charges == 0 {
