@@ -41,7 +41,8 @@ pub enum Event {
     /// The request matched a route but was passed through without deduplication (no key
     /// on an optional route, or `key = ignored`).
     PassedThrough,
-    /// The inner service ran under a claim and its answer was stored.
+    /// The inner service was called under a claim (what happened to its answer is
+    /// reported separately: `Released`, `Ambiguous`, `ResponseTooLarge`, `LeaseLost`).
     Executed,
     /// A stored answer was replayed.
     Replayed,

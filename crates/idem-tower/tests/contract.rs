@@ -787,3 +787,37 @@ async fn the_inner_service_sees_the_claim_in_its_request_extensions() {
     // Request<RequestBody<_>> is what the inner service gets; a plain body can be built too.
     let _: Request<RequestBody<TestBody>> = Request::new(RequestBody::buffered(Bytes::new()));
 }
+
+#[tokio::test]
+async fn namespaces_separate_layers_sharing_a_store() {
+    let (store, _) = memory_store();
+    let layer_in = |namespace: &str| {
+        let routes = Routes::new()
+            .route("/v1/charges", required().with_namespace(namespace))
+            .unwrap();
+        layer_with(store.clone(), routes)
+    };
+    let counter = Counter::default();
+    let billing = charging(&layer_in("billing"), &counter);
+    let billing_replica = charging(&layer_in("billing"), &counter);
+    let shipping = charging(&layer_in("shipping"), &counter);
+    call(&billing, post("/v1/charges", Some("k"), "{}")).await;
+    // Another process in the same namespace sees the record...
+    let replica = call(&billing_replica, post("/v1/charges", Some("k"), "{}")).await;
+    assert_eq!(replayed(&replica), Some("true"));
+    // ...another namespace does not.
+    let other = call(&shipping, post("/v1/charges", Some("k"), "{}")).await;
+    assert_eq!(replayed(&other), Some("false"));
+    assert_eq!(counter.get(), 2);
+}
+
+#[tokio::test]
+async fn the_inner_service_is_reachable_through_the_middleware() {
+    let (layer, _) = charges_layer(required());
+    let mut svc = idem_tower::Idempotency::new(7u32, &layer);
+    assert_eq!(*svc.get_ref(), 7);
+    *svc.get_mut() += 1;
+    assert_eq!(svc.into_inner(), 8);
+    let svc = tower::Layer::layer(&layer, 1u8);
+    assert_eq!(*svc.get_ref(), 1);
+}
