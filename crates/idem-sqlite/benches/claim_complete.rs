@@ -164,10 +164,15 @@ fn claims(c: &mut Criterion) {
                         let store = store.clone();
                         let response = response.clone();
                         async move {
-                            let ClaimOutcome::Acquired(lease) = store.claim(&request()).await.unwrap() else {
+                            let ClaimOutcome::Acquired(lease) =
+                                store.claim(&request()).await.unwrap()
+                            else {
                                 panic!("fresh ids are acquired")
                             };
-                            store.complete(&lease.id, lease.token, response).await.unwrap();
+                            store
+                                .complete(&lease.id, lease.token, response)
+                                .await
+                                .unwrap();
                         }
                     })
                 })
