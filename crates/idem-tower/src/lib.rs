@@ -83,7 +83,7 @@
 //! | returns an error (not sent: connect failed) | retryable | released, error returned | — |
 //! | returns an [`Ambiguous`] error (sent, no answer) | ambiguous | `502`/`504` `outcome-unknown` stored | released, error returned ([`Policy::with_ambiguous`]) |
 //! | panics | — | released, panic resumed | — |
-//! | is cancelled (response future dropped) | — | released at once | run to completion and stored ([`Policy::with_on_cancel`]) |
+//! | is cancelled (response future dropped) | — | run to completion on a spawned task and stored | released at once ([`Policy::with_on_cancel`]), for handlers whose cancelled work has no effect |
 //!
 //! A claim that *takes over* an expired lease ([`idem_core::ClaimOutcome::TookOver`]) means
 //! an earlier attempt started and never finished: it may have taken effect. By default the

@@ -60,13 +60,14 @@ pub enum FailMode {
 #[non_exhaustive]
 pub enum OnCancel {
     /// Drop the inner service's future and release the claim at once: a retry executes
-    /// again. Right for handlers whose cancelled work has no effect (a database
-    /// transaction that is rolled back when dropped).
-    #[default]
+    /// again. Only for handlers whose cancelled work provably has no effect (a database
+    /// transaction that is rolled back when dropped): anything else could then run twice.
     Release,
     /// Run the inner service to completion on a spawned task and store its outcome as if
-    /// the client were still there: a retry replays it. Right for a proxy, where dropping
-    /// the upstream call would make the outcome unknown.
+    /// the client were still there: a retry replays it. The default: a handler dropped
+    /// half-way (a call to a payment provider under way, say) has an unknown effect, and
+    /// releasing it would let a retry execute it a second time.
+    #[default]
     RunToCompletion,
 }
 

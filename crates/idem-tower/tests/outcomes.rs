@@ -374,8 +374,8 @@ async fn a_panic_in_call_itself_releases_the_claim_at_once() {
 }
 
 #[tokio::test]
-async fn a_dropped_response_future_releases_the_claim_at_once() {
-    let (layer, _, _) = layer(Policy::new());
+async fn a_dropped_response_future_releases_the_claim_at_once_when_the_route_says_so() {
+    let (layer, _, _) = layer(Policy::new().with_on_cancel(OnCancel::Release));
     let recorder = Arc::new(Recorder::default());
     let layer = layer.with_events(recorder.clone());
     let counter = Counter::default();
@@ -403,8 +403,8 @@ async fn a_dropped_response_future_releases_the_claim_at_once() {
 }
 
 #[tokio::test]
-async fn a_dropped_response_future_runs_to_completion_when_the_route_says_so() {
-    let (layer, _, _) = layer(Policy::new().with_on_cancel(OnCancel::RunToCompletion));
+async fn a_dropped_response_future_runs_to_completion_by_default() {
+    let (layer, _, _) = layer(Policy::new());
     let counter = Counter::default();
     let gate = Gate::default();
     let svc = gated(&layer, &counter, &gate);
