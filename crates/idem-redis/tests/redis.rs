@@ -230,11 +230,76 @@ async fn cluster_waiters_are_woken_by_another_replica() {
     waiters_are_woken_by_another_replica(CLUSTER).await;
 }
 
-/// The standalone subscriber reconnects after its connection is killed, and waiters are
-/// woken by settlements made after that.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standalone_subscriber_reconnects() {
-    let (waiting, settling) = two_replicas(STANDALONE).await;
+/// The `redis://` URLs of the server's nodes (one for a standalone server).
+fn node_urls(var: &str) -> Vec<String> {
+    let url = common::url(var);
+    match url.strip_prefix("redis+cluster://") {
+        Some(hosts) => hosts.split(',').map(|h| format!("redis://{h}")).collect(),
+        None => vec![url],
+    }
+}
+
+/// Runs a command on every node of the server.
+async fn on_every_node(var: &str, cmd: &redis::Cmd) -> Vec<redis::Value> {
+    let mut replies = Vec::new();
+    for url in node_urls(var) {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        replies.push(cmd.query_async(&mut conn).await.unwrap());
+    }
+    replies
+}
+
+/// A store that connects as a user of its own (created on every node), so a test can kill
+/// its connections and no other store's: `CLIENT KILL USER`.
+async fn store_as_own_user(var: &str, prefix: &str) -> (RedisStore, String) {
+    let user = format!(
+        "idem-test-{}-{}",
+        std::process::id(),
+        common::unique_prefix().len()
+    );
+    let user = format!("{user}-{}", prefix.replace(':', "-"));
+    on_every_node(
+        var,
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("on")
+            .arg("nopass")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all"),
+    )
+    .await;
+    let url = common::url(var);
+    let url = match url.strip_prefix("redis+cluster://") {
+        Some(hosts) => format!("redis+cluster://{user}:x@{hosts}"),
+        None => url.replacen("redis://", &format!("redis://{user}:x@"), 1),
+    };
+    let options = RedisOptions {
+        key_prefix: prefix.to_owned(),
+        ..RedisOptions::default()
+    };
+    (RedisStore::connect(&url, options).await.unwrap(), user)
+}
+
+/// After the waiting store's connections are killed (its subscriber's included), it
+/// reconnects, and its waiters are woken by settlements made after that: the standalone
+/// subscriber reconnects by itself; on a cluster the driver subscribes the record's channel
+/// again.
+async fn waiters_survive_lost_connections(var: &str) {
+    let prefix = common::unique_prefix();
+    let (waiting, user) = store_as_own_user(var, &prefix).await;
+    let waiting = Arc::new(waiting);
+    let settling = RedisStore::connect(
+        &common::url(var),
+        RedisOptions {
+            key_prefix: prefix,
+            ..RedisOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     let req = request("reconnect");
     let lease = *settling.claim(&req).await.unwrap().lease().unwrap();
     let id = req.id;
@@ -242,29 +307,35 @@ async fn standalone_subscriber_reconnects() {
         let waiting = waiting.clone();
         tokio::spawn(async move { waiting.wait_settled(&id).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut conn = raw(STANDALONE).await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed: i64 = on_every_node(var, redis::cmd("CLIENT").arg("KILL").arg("USER").arg(&user))
         .await
-        .unwrap();
+        .into_iter()
+        .map(|v| redis::from_redis_value::<i64>(v).unwrap())
+        .sum();
     assert!(killed >= 1);
-    // The waiter reads the record again and keeps waiting: it is still in flight.
+    // Woken by the reconnection, the waiter reads the record again and keeps waiting.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!waiter.is_finished());
-    // Both subscribers are back by now (the first retry comes after 100 ms).
+    assert!(!waiter.is_finished(), "the record is still in flight");
     settling
         .complete(&id, lease.token, Bytes::new())
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
-        .expect("woken after the subscriber reconnected")
+        .expect("woken after the connections were restored")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_waiters_survive_lost_connections() {
+    waiters_survive_lost_connections(STANDALONE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_waiters_survive_lost_connections() {
+    waiters_survive_lost_connections(CLUSTER).await;
 }
 
 /// A TCP proxy in front of the standalone server that can lose one answer: armed, it lets
