@@ -182,7 +182,7 @@ async fn kill_9_after_completion_then_restart_replays() {
 async fn kill_9_while_the_upstream_works_then_409_within_the_lease_and_never_a_second_execution() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = crash_config(dir.path(), &up, "4s");
+    let config = crash_config(dir.path(), &up, "5s");
     let send = |gw: &Binary| {
         post(gw.url("/hang"))
             .key("order-2")
@@ -266,6 +266,52 @@ async fn sigterm_finishes_requests_in_flight_then_exits_0() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn logs_carry_a_request_id_and_never_the_key_the_principal_or_the_body() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Binary::serve(
+        dir.path(),
+        &[
+            "--upstream",
+            &up.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "memory://",
+        ],
+    );
+    for _ in 0..2 {
+        let answer = post(gateway.url("/v1/charges"))
+            .key("key-7f3a9c")
+            .header("authorization", "Bearer principal-5e1d")
+            .header("x-request-id", "req-42")
+            .json(r#"{"card": "body-91b2"}"#)
+            .send()
+            .await;
+        assert_eq!(answer.header("x-request-id"), Some("req-42"));
+    }
+    let finished = |logs: &[String]| {
+        logs.iter()
+            .filter(|l| l.contains("request finished") && l.contains("req-42"))
+            .count()
+    };
+    for _ in 0..100 {
+        if finished(&gateway.logs.lock().unwrap()) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = gateway.logs.lock().unwrap().clone();
+    assert_eq!(finished(&logs), 2, "{logs:#?}");
+    for secret in ["key-7f3a9c", "principal-5e1d", "body-91b2"] {
+        assert!(
+            logs.iter().all(|l| !l.contains(secret)),
+            "{secret} was logged: {logs:#?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -60,7 +60,7 @@ async fn retry_after_completion_replays_status_body_and_headers_without_the_upst
 async fn retry_while_the_first_runs_gets_409_with_retry_after() {
     let up = Upstream::start().await;
     let gw = Gateway::start(config_for(&up, ""), memory()).await;
-    let url = gw.url("/v1/slow?ms=1500");
+    let url = gw.url("/v1/slow?ms=3000");
     let first = tokio::spawn(post(url.clone()).key("k-3").json(CHARGE).send());
     up.wait_for_calls(1).await;
     let retry = post(url.clone()).key("k-3").json(CHARGE).send().await;

@@ -136,7 +136,7 @@ async fn the_default_methods_are_post_and_patch() {
 async fn retention_expiry_lets_a_late_retry_execute_again() {
     let up = Upstream::start().await;
     let gw = Gateway::start(
-        config_for(&up, "[defaults]\nretention = \"1s\"\nlease = \"1s\"\n"),
+        config_for(&up, "[defaults]\nretention = \"2s\"\nlease = \"1s\"\n"),
         memory(),
     )
     .await;
@@ -144,7 +144,7 @@ async fn retention_expiry_lets_a_late_retry_execute_again() {
     send().await;
     assert_eq!(send().await.replayed(), Some("true"));
     assert_eq!(up.calls(), 1);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let late = send().await;
     assert_eq!(late.replayed(), Some("false"));
     assert_eq!(late.execution(), 2);
@@ -152,7 +152,7 @@ async fn retention_expiry_lets_a_late_retry_execute_again() {
     let metrics = req("GET", gw.admin_url("/metrics")).send().await;
     let text = String::from_utf8_lossy(&metrics.body).to_string();
     assert!(
-        text.contains(r#"idem_route_retention_seconds{route="/*",methods="POST,PATCH"} 1"#),
+        text.contains(r#"idem_route_retention_seconds{route="/*",methods="POST,PATCH"} 2"#),
         "{text}"
     );
 }
@@ -160,12 +160,12 @@ async fn retention_expiry_lets_a_late_retry_execute_again() {
 #[tokio::test]
 async fn the_lease_is_renewed_while_the_upstream_works() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(config_for(&up, "[defaults]\nlease = \"400ms\"\n"), memory()).await;
-    let url = gw.url("/a?ms=1500");
+    let gw = Gateway::start(config_for(&up, "[defaults]\nlease = \"1s\"\n"), memory()).await;
+    let url = gw.url("/a?ms=3000");
     let first = tokio::spawn(post(url.clone()).key("k").json(BODY).send());
     up.wait_for_calls(1).await;
     // Well past the first lease: still held (renewed), so still a conflict.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let retry = post(url.clone()).key("k").json(BODY).send().await;
     assert_eq!(retry.status, 409);
     assert_eq!(first.await.unwrap().replayed(), Some("false"));
@@ -422,7 +422,10 @@ async fn the_principal_secret_file_keeps_records_across_restarts() {
 async fn admin_api_shows_releases_and_purges_records() {
     let up = Upstream::start().await;
     let gw = Gateway::start(
-        config_for(&up, "[[routes]]\npath = \"/v1/charges\"\n"),
+        config_for(
+            &up,
+            "[[routes]]\npath = \"/v1/charges\"\n[[routes]]\npath = \"/hang\"\n",
+        ),
         memory(),
     )
     .await;
@@ -501,7 +504,7 @@ async fn admin_api_shows_releases_and_purges_records() {
     assert_eq!(up.calls(), 2);
 
     // An in-flight record is listed, and releasing it lets a retry execute.
-    let url = gw.url("/v1/charges?ms=1500");
+    let url = gw.url("/hang");
     let running = tokio::spawn(post(url.clone()).key("k-slow").json(BODY).send());
     up.wait_for_calls(3).await;
     let listed = req("GET", gw.admin_url("/admin/in-flight"))
@@ -519,8 +522,10 @@ async fn admin_api_shows_releases_and_purges_records() {
     .send()
     .await;
     assert_eq!(release.status, 200);
-    let retry = post(url).key("k-slow").json(BODY).send().await;
-    assert_eq!(retry.replayed(), Some("false"));
+    let retry = tokio::spawn(post(url).key("k-slow").json(BODY).send());
+    up.wait_for_calls(4).await;
+    up.state.unhang.notify_waiters();
+    assert_eq!(retry.await.unwrap().replayed(), Some("false"));
     running.await.unwrap();
     assert_eq!(up.calls(), 4);
 

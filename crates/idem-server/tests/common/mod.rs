@@ -431,6 +431,8 @@ pub struct Binary {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// Every log line so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Binary {
@@ -452,10 +454,13 @@ impl Binary {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<(String, SocketAddr)>();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = logs.clone();
         // Reads the log for the listening addresses, then keeps draining it.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
                 let Ok(entry) = serde_json::from_str::<Value>(&line) else {
                     eprintln!("idem: {line}");
                     continue;
@@ -488,6 +493,7 @@ impl Binary {
             child,
             addr: addr.unwrap(),
             admin,
+            logs,
         }
     }
 
