@@ -108,6 +108,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         "idem gateway starting"
     );
 
+    let purger = tokio::spawn(crate::store::purge_expired_every(
+        store.clone(),
+        config.purge_interval,
+    ));
     let stop = shutdown_on_signals();
     let admin = admin_listener.map(|listener| {
         tokio::spawn(admin::run(
@@ -122,6 +126,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     if let Some(admin) = admin {
         admin.abort();
     }
+    purger.abort();
     // Closing the embedded store waits for its writer thread: off the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || drop(store)).await;
     Ok(())

@@ -29,6 +29,8 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for requests in flight.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often expired records are purged from stores without a reaper of their own.
+pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// The environment variable that holds the principal secret.
 pub const SECRET_ENV: &str = "IDEM_PRINCIPAL_SECRET";
 
@@ -183,6 +185,7 @@ pub struct FileConfig {
     pub upstream_timeout: Option<Dur>,
     pub connect_timeout: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
+    pub purge_interval: Option<Dur>,
     pub key_header: Option<String>,
     pub forward_key: Option<bool>,
     #[serde(default)]
@@ -260,6 +263,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long a shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// How often expired records are purged.
+    pub purge_interval: Duration,
     /// The header the idempotency key is read from.
     pub key_header: HeaderName,
     /// Whether the key header is forwarded to the upstream.
@@ -352,6 +357,11 @@ impl Config {
             DEFAULT_CONNECT_TIMEOUT,
         )?;
         let shutdown_grace = file.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0);
+        let purge_interval = positive(
+            "purge_interval",
+            file.purge_interval,
+            DEFAULT_PURGE_INTERVAL,
+        )?;
 
         if file.defaults.path.is_some() {
             return Err(ConfigError::new(
@@ -383,6 +393,7 @@ impl Config {
             upstream_timeout,
             connect_timeout,
             shutdown_grace,
+            purge_interval,
             key_header,
             forward_key: file.forward_key.unwrap_or(true),
             routes,

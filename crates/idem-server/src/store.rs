@@ -15,6 +15,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use idem_core::{Error, MemoryStore, Store};
 use idem_postgres::{PostgresOptions, PostgresStore};
@@ -156,6 +157,40 @@ impl StoreUrl {
     }
 }
 
+/// Records deleted per purge call.
+const PURGE_BATCH: usize = 1000;
+
+/// Deletes expired records every `interval`, in bounded batches, for as long as it runs
+/// (spawn it, abort it). Stores that expire records by themselves (the embedded store's
+/// reaper, Redis TTLs) find nothing to do; the memory and PostgreSQL stores need it, or
+/// expired records would pile up.
+pub async fn purge_expired_every(store: Arc<dyn Store>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let mut total = 0;
+        loop {
+            match store.purge_expired(PURGE_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if n < PURGE_BATCH {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "purging expired records failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::debug!(purged = total, "expired records purged");
+        }
+    }
+}
+
 impl fmt::Debug for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // A PostgreSQL or Redis URL may carry a password: show the scheme only.
@@ -211,6 +246,26 @@ mod tests {
         ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_are_purged_periodically() {
+        use idem_core::{ClaimRequest, Clock, Fingerprint, ManualClock, RecordId, Timestamp};
+
+        let clock = ManualClock::new(Timestamp::from_millis(1_000_000));
+        let memory = Arc::new(MemoryStore::with_clock(Arc::new(clock.clone())));
+        let store: Arc<dyn Store> = memory.clone();
+        let request = ClaimRequest::new(RecordId::for_event("n", "e"), Fingerprint::of_bytes(b""))
+            .with_lease(Duration::from_secs(1))
+            .with_retention(Duration::from_secs(1));
+        store.claim(&request).await.unwrap();
+        let purger = tokio::spawn(purge_expired_every(store, Duration::from_secs(60)));
+        clock.advance(Duration::from_secs(3));
+        assert!(clock.now() > Timestamp::from_millis(1_002_000));
+        assert_eq!(memory.len(), 1);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(memory.len(), 0);
+        purger.abort();
     }
 
     #[test]
