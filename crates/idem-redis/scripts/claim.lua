@@ -36,7 +36,8 @@ local f = redis.call('HMGET', key, 'fingerprint', 'token', 'state', 'lease_until
 
 -- The token of the record this claim replaces, and what it takes over.
 local previous, taken_over_until
-if redis.call('EXISTS', key) == 1 then
+local exists = f[2] ~= false or redis.call('EXISTS', key) == 1
+if exists then
   local token, lease_until, expires_at = tonumber(f[2]), tonumber(f[4]), tonumber(f[5])
   local state = f[3]
   if not (f[1] and token and lease_until and expires_at)
@@ -76,7 +77,9 @@ end
 local lease_until = now + lease
 local expires_at = lease_until + retention
 
-redis.call('DEL', key)
+if exists then
+  redis.call('DEL', key)
+end
 redis.call('HSET', key, 'fingerprint', fingerprint, 'token', int(token), 'state', 'in_flight',
   'lease_until', int(lease_until), 'retention', int(retention), 'expires_at', int(expires_at),
   'holder', holder)

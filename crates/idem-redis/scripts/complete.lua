@@ -24,7 +24,7 @@ local function int(n)
 end
 
 local f = redis.call('HMGET', key, 'token', 'state', 'expires_at', 'retention', 'settled_by')
-if redis.call('EXISTS', key) == 0 then
+if not f[1] and redis.call('EXISTS', key) == 0 then
   return {'lost', ''}
 end
 local expires_at, retention = tonumber(f[3]), tonumber(f[4])
