@@ -219,6 +219,7 @@ async fn purge(State(state): State<AdminState>, Path(id): Path<String>) -> Respo
 #[derive(Debug, Deserialize)]
 struct LookupQuery {
     route: Option<String>,
+    path: Option<String>,
     method: Option<String>,
     key: Option<String>,
     principal: Option<String>,
@@ -241,6 +242,7 @@ async fn lookup(State(state): State<AdminState>, Query(query): Query<LookupQuery
         principal: query.principal,
         method,
         route,
+        path: query.path,
         key,
     };
     let id = match parts.record_id(&state.hasher) {
@@ -248,8 +250,8 @@ async fn lookup(State(state): State<AdminState>, Query(query): Query<LookupQuery
         Err(error) => {
             return problem(
                 StatusCode::BAD_REQUEST,
-                "invalid-key",
-                "Invalid idempotency key",
+                "invalid-scope",
+                "Invalid scope parts",
                 error.to_string(),
             );
         }

@@ -80,11 +80,15 @@ pub struct RecordArgs {
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The record id (64 hex digits), as the admin API and the logs show it.
-    #[arg(long, value_name = "HEX", conflicts_with_all = ["route", "key", "principal", "namespace"])]
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["route", "path", "key", "principal", "namespace"])]
     pub id: Option<String>,
     /// The route pattern as configured (`/v1/charges/{id}`), or the route's scope name.
     #[arg(long, requires = "key")]
     pub route: Option<String>,
+    /// The request's path, for prefix routes (`/v1/*`, the implicit `/*`), whose records
+    /// are scoped by the concrete path.
+    #[arg(long, requires = "route")]
+    pub path: Option<String>,
     /// The request method.
     #[arg(long, default_value = "POST")]
     pub method: String,

@@ -251,11 +251,12 @@ fn record_id(args: &RecordArgs, url: &StoreUrl, secret: Option<&str>) -> Result<
         principal: args.principal.clone(),
         method: args.method.clone(),
         route: route.clone(),
+        path: args.path.clone(),
         key: key.clone(),
     };
     parts
         .record_id(&hasher)
-        .map_err(|e| Failure::Usage(anyhow!("invalid --key: {e}")))
+        .map_err(|e| Failure::Usage(anyhow!("{e}")))
 }
 
 fn print_json(value: &serde_json::Value) {

@@ -24,22 +24,43 @@ pub struct ScopeParts {
     pub method: String,
     /// The route pattern as configured (`/v1/charges/{id}`), or the route's scope name.
     pub route: String,
+    /// The request's path: needed for prefix routes (`/v1/*`, the implicit `/*`), where
+    /// each concrete path is its own endpoint.
+    pub path: Option<String>,
     /// The idempotency key, as the client sent it (sf-string or bare token).
     pub key: String,
 }
 
 impl ScopeParts {
     /// The record id these parts name, with principals hashed by `hasher`.
-    pub fn record_id(&self, hasher: &PrincipalHasher) -> Result<RecordId, KeyError> {
+    pub fn record_id(&self, hasher: &PrincipalHasher) -> Result<RecordId, ScopeError> {
         let key = IdempotencyKey::parse(self.key.as_bytes())?;
+        let route = match (&self.path, self.route.ends_with("/*")) {
+            (Some(path), true) => idem_tower::scope_name(&self.route, path),
+            (None, true) => return Err(ScopeError::PathNeeded(self.route.clone())),
+            (_, false) => std::borrow::Cow::Borrowed(self.route.as_str()),
+        };
         let principal = self
             .principal
             .as_ref()
             .map_or(PrincipalHash::ANONYMOUS, |p| hasher.hash(p.as_bytes()));
         let method = self.method.to_ascii_uppercase();
         let namespace = self.namespace.as_deref().unwrap_or("default");
-        Ok(Scope::new(namespace, principal, &method, &self.route, &key).record_id())
+        Ok(Scope::new(namespace, principal, &method, &route, &key).record_id())
     }
+}
+
+/// Why scope parts name no record.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    /// The key is malformed.
+    #[error("invalid key: {0}")]
+    Key(#[from] KeyError),
+    /// A prefix route scopes records by the concrete path, which was not given.
+    #[error(
+        "route {0:?} is a prefix route: its records are scoped by the request's path, give it too"
+    )]
+    PathNeeded(String),
 }
 
 /// Parses a record id in hex, with a message naming what is wrong.

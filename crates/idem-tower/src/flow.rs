@@ -175,12 +175,15 @@ where
         .principal_extractor
         .principal(&parts, &ctx.policy)
         .map_or(PrincipalHash::ANONYMOUS, |raw| shared.hasher.hash(&raw));
-    let scope_route = ctx.policy.scope().unwrap_or(&ctx.route);
+    let scope_route = match ctx.policy.scope() {
+        Some(scope) => std::borrow::Cow::Borrowed(scope),
+        None => crate::routes::scope_name(&ctx.route, parts.uri.path()),
+    };
     let id = Scope::new(
         ctx.policy.namespace(),
         principal,
         parts.method.as_str(),
-        scope_route,
+        &scope_route,
         &key,
     )
     .record_id();

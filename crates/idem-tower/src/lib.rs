@@ -138,5 +138,5 @@ pub use policy::{
     Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, PolicyError,
 };
 pub use problem::{PROBLEM_JSON, Problem, ProblemType};
-pub use routes::{Route, RouteError, Routes};
+pub use routes::{Route, RouteError, Routes, scope_name};
 pub use service::Idempotency;

@@ -303,6 +303,24 @@ impl fmt::Debug for Routes {
     }
 }
 
+/// The name a request's record is scoped by, for a route `pattern` without an explicit
+/// scope: the pattern itself, so every path a `{param}` route matches is one endpoint —
+/// except for prefix routes (`/v1/*`, the implicit `/*`), where each concrete path is its
+/// own endpoint and the name is `"<pattern> <path>"`. The same key sent to two paths under
+/// a prefix route names two records.
+///
+/// ```
+/// assert_eq!(idem_tower::scope_name("/v1/charges/{id}", "/v1/charges/7"), "/v1/charges/{id}");
+/// assert_eq!(idem_tower::scope_name("/*", "/v1/refunds"), "/* /v1/refunds");
+/// ```
+pub fn scope_name<'a>(pattern: &'a str, path: &str) -> std::borrow::Cow<'a, str> {
+    if pattern.ends_with("/*") {
+        std::borrow::Cow::Owned(format!("{pattern} {path}"))
+    } else {
+        std::borrow::Cow::Borrowed(pattern)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

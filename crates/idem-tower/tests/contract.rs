@@ -432,6 +432,33 @@ async fn records_are_scoped_by_the_route_pattern_not_the_concrete_path() {
 }
 
 #[tokio::test]
+async fn under_a_prefix_route_each_concrete_path_is_its_own_endpoint() {
+    for routes in [
+        Routes::new(),
+        Routes::new().route("/v1/*", Policy::new()).unwrap(),
+    ] {
+        let (store, _) = memory_store();
+        let layer = layer_with(store, routes);
+        let counter = Counter::default();
+        let svc = charging(&layer, &counter);
+        // One key, two endpoints: two records, two executions, no 422.
+        let charge = call(&svc, post("/v1/charges", Some("k"), "{}")).await;
+        assert_eq!(replayed(&charge), Some("false"));
+        let refund = call(&svc, post("/v1/refunds", Some("k"), r#"{"other":1}"#)).await;
+        assert_eq!(replayed(&refund), Some("false"));
+        assert_eq!(counter.get(), 2);
+        // Each replays its own answer.
+        let retry = call(&svc, post("/v1/charges", Some("k"), "{}")).await;
+        assert_eq!(replayed(&retry), Some("true"));
+        assert_eq!(bytes_of(retry).await, bytes_of(charge).await);
+        let retry = call(&svc, post("/v1/refunds", Some("k"), r#"{"other":1}"#)).await;
+        assert_eq!(replayed(&retry), Some("true"));
+        assert_eq!(bytes_of(retry).await, bytes_of(refund).await);
+        assert_eq!(counter.get(), 2);
+    }
+}
+
+#[tokio::test]
 async fn a_shared_scope_name_shares_keys_across_routes() {
     let (store, _) = memory_store();
     let shared = || required().with_scope("account");
