@@ -517,15 +517,19 @@ impl Store for PostgresStore {
 #[async_trait]
 impl WaitForCompletion for PostgresStore {
     async fn wait_settled(&self, id: &RecordId) -> Result<(), Error> {
-        let settled = self.notifier.listen(id);
-        let in_flight = self
-            .get(id)
-            .await?
-            .is_some_and(|r| matches!(r.state, RecordState::InFlight { .. }));
-        if in_flight {
+        // A wake-up is a hint (a reconnected listener wakes everyone): read the record
+        // again each time, and return only once it is no longer in flight.
+        loop {
+            let settled = self.notifier.listen(id);
+            let in_flight = self
+                .get(id)
+                .await?
+                .is_some_and(|r| matches!(r.state, RecordState::InFlight { .. }));
+            if !in_flight {
+                return Ok(());
+            }
             settled.await;
         }
-        Ok(())
     }
 }
 
