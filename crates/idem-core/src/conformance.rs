@@ -44,6 +44,13 @@ pub trait Harness: Send + Sync {
     fn expires_by_itself(&self) -> bool {
         false
     }
+
+    /// A second, independent handle on the same records (another connection pool, as a
+    /// second gateway replica would have), for stores shared between processes; `None`
+    /// for single-process stores.
+    async fn replica(&self) -> Option<Arc<dyn Store>> {
+        None
+    }
 }
 
 /// A [`Harness`] for stores that take a [`Clock`]: time is a [`ManualClock`] and
@@ -775,6 +782,58 @@ pub async fn waiters_are_woken_on_completion(h: &dyn Harness) {
     }
 }
 
+/// For stores shared between processes: a waiter on one replica is woken when another
+/// replica completes or releases the record, and each replica sees the other's claims.
+/// Single-process stores (no [`Harness::replica`]) have nothing to show here.
+pub async fn replicas_see_each_others_claims_and_wake_each_others_waiters(h: &dyn Harness) {
+    let Some(replica) = h.replica().await else {
+        return;
+    };
+    let store = h.store();
+    for settle_by_completing in [true, false] {
+        let req = request(fresh_id("replica"), fp("a"));
+        let lease = acquire(&*store, &req).await;
+        assert!(matches!(
+            replica.claim(&req).await.expect("claim on the replica"),
+            ClaimOutcome::InFlight { .. }
+        ));
+        let waiter_store = replica.clone();
+        let id = req.id;
+        let waiter = tokio::spawn(async move {
+            let waiter = waiter_store.completion_waiter().expect("waiter");
+            waiter.wait_settled(&id).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        if settle_by_completing {
+            store
+                .complete(
+                    &id,
+                    lease.token,
+                    Bytes::from_static(b"from the first replica"),
+                )
+                .await
+                .expect("complete");
+        } else {
+            store.release(&id, lease.token).await.expect("release");
+        }
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("the replica's waiter is woken")
+            .expect("task")
+            .expect("wait");
+        match replica.claim(&req).await.expect("claim on the replica") {
+            ClaimOutcome::Completed(c) if settle_by_completing => {
+                assert_eq!(c.response, "from the first replica");
+            }
+            ClaimOutcome::Acquired(again) if !settle_by_completing => {
+                assert!(again.token > lease.token);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 /// The store works as a shared `Arc<dyn Store>` across tasks.
 pub async fn store_is_usable_as_shared_trait_object(h: &dyn Harness) {
     let store: Arc<dyn Store> = h.store();
@@ -910,6 +969,7 @@ macro_rules! conformance_tests {
             binary_payloads_round_trip,
             waiters_are_woken_on_completion,
             store_is_usable_as_shared_trait_object,
+            replicas_see_each_others_claims_and_wake_each_others_waiters,
             invalid_requests_are_rejected,
             inspector_lists_and_removes_records,
         );

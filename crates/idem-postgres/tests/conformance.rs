@@ -15,6 +15,7 @@ use idem_postgres::{PostgresOptions, PostgresStore};
 
 struct PgHarness {
     store: Arc<dyn Store>,
+    options: PostgresOptions,
 }
 
 #[async_trait]
@@ -25,6 +26,13 @@ impl Harness for PgHarness {
 
     async fn advance(&self, by: Duration) {
         tokio::time::sleep(by).await;
+    }
+
+    async fn replica(&self) -> Option<Arc<dyn Store>> {
+        let store = PostgresStore::connect(&url(), self.options.clone())
+            .await
+            .expect("connect a second store to PostgreSQL");
+        Some(Arc::new(store))
     }
 }
 
@@ -49,11 +57,12 @@ async fn harness() -> PgHarness {
         pool_size: 8,
         migrate: true,
     };
-    let store = PostgresStore::connect(&url(), options)
+    let store = PostgresStore::connect(&url(), options.clone())
         .await
         .expect("connect to PostgreSQL");
     PgHarness {
         store: Arc::new(store),
+        options,
     }
 }
 

@@ -40,8 +40,12 @@ pub fn unique_prefix() -> String {
 }
 
 pub async fn connect(var: &str) -> RedisStore {
+    connect_with_prefix(var, unique_prefix()).await
+}
+
+pub async fn connect_with_prefix(var: &str, key_prefix: String) -> RedisStore {
     let options = RedisOptions {
-        key_prefix: unique_prefix(),
+        key_prefix,
         ..RedisOptions::default()
     };
     RedisStore::connect(&url(var), options)
@@ -51,12 +55,17 @@ pub async fn connect(var: &str) -> RedisStore {
 
 pub struct RedisHarness {
     store: Arc<dyn Store>,
+    var: &'static str,
+    prefix: String,
 }
 
 impl RedisHarness {
-    pub async fn new(var: &str) -> Self {
+    pub async fn new(var: &'static str) -> Self {
+        let prefix = unique_prefix();
         Self {
-            store: Arc::new(connect(var).await),
+            store: Arc::new(connect_with_prefix(var, prefix.clone()).await),
+            var,
+            prefix,
         }
     }
 }
@@ -74,5 +83,11 @@ impl Harness for RedisHarness {
 
     fn expires_by_itself(&self) -> bool {
         true
+    }
+
+    async fn replica(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(
+            connect_with_prefix(self.var, self.prefix.clone()).await,
+        ))
     }
 }
