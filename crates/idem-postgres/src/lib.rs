@@ -303,11 +303,36 @@ impl PostgresStore {
             return Ok(());
         }
         let current: Option<i64> = row.try_get("current").map_err(row::decode_error)?;
-        Err(Error::LeaseLost {
+        let current = current.map(row::token).transpose()?;
+        drop(client);
+        Err(self.lease_lost(id, token, current).await)
+    }
+
+    /// The [`Error::LeaseLost`] of `token`, naming the record's current token as read after
+    /// the failed transition.
+    ///
+    /// The transition statements return the current token too, but read it from the
+    /// snapshot taken when the statement started (READ COMMITTED). When a concurrent
+    /// transition (a takeover, a release) is what made the update miss, the statement
+    /// waited for it and re-checked the row, yet that snapshot still shows the record from
+    /// before: often with the caller's own token, as if it still held the record. A fresh
+    /// read sees the transition that won. If it fails, the statement's value is kept: the
+    /// error stays a lost lease.
+    async fn lease_lost(
+        &self,
+        id: &RecordId,
+        token: FencingToken,
+        from_statement: Option<FencingToken>,
+    ) -> Error {
+        let current = match self.get(id).await {
+            Ok(record) => record.map(|r| r.token),
+            Err(_) => from_statement,
+        };
+        Error::LeaseLost {
             id: *id,
             token,
-            current: current.map(row::token).transpose()?,
-        })
+            current,
+        }
     }
 }
 
@@ -427,11 +452,9 @@ impl Store for PostgresStore {
             Some(until) => row::timestamp(until),
             None => {
                 let current: Option<i64> = row.try_get("current").map_err(row::decode_error)?;
-                Err(Error::LeaseLost {
-                    id: *id,
-                    token,
-                    current: current.map(row::token).transpose()?,
-                })
+                let current = current.map(row::token).transpose()?;
+                drop(client);
+                Err(self.lease_lost(id, token, current).await)
             }
         }
     }
