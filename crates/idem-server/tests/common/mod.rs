@@ -1,7 +1,13 @@
 //! Test support: an upstream that counts executions, a gateway on port 0, an HTTP client,
-//! and the `idem` binary as a child process.
+//! and the `idem` binary as a child process. For the shared stores: the servers' URLs and
+//! replicas ([`shared`]), private servers to stop and restart ([`servers`]), and a proxy
+//! that loses a chosen answer ([`proxy`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
+
+pub mod proxy;
+pub mod servers;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -102,6 +108,11 @@ impl Upstream {
             .get(path)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Executions per path so far: the upstream's journal.
+    pub fn executions(&self) -> HashMap<String, u64> {
+        self.state.by_path.lock().unwrap().clone()
     }
 
     /// The headers of the last request the upstream received.

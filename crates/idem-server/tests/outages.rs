@@ -1,0 +1,554 @@
+//! Store outages, end to end: the `idem` binary in front of a counting upstream, over a
+//! PostgreSQL or Redis server of the test's own, which the test stops and starts again.
+//!
+//! - While requests flow (distinct keys, and retries of earlier ones), the store server is
+//!   stopped at once, as in a crash. While it is down, the gateway answers `503` with
+//!   `Retry-After` and the upstream receives nothing it could not claim: only requests
+//!   claimed before the stop may reach it, and no key first sent during the outage does.
+//!   The server is started again on the same port with its data; the same gateway process,
+//!   never restarted, serves again, replays what was completed before the outage, and the
+//!   upstream's journal shows no key executed twice.
+//! - A claim whose answer is lost with its connection (the statement or script ran on the
+//!   server; the connection failed before the answer came back) is resolved by reading it
+//!   back: PostgreSQL reads the row by the claim's nonce on a fresh connection; Redis sends
+//!   the script again with the same nonce and the script recognises it. The request
+//!   executes once. If the server stays unreachable, the outcome is not assumed either way:
+//!   the gateway answers `503` and forwards nothing, and once the server is back the record
+//!   is still held by the lost claim (`409`) until its lease passes, when it becomes an
+//!   `outcome-unknown` answer — never a second execution.
+//!
+//! Each test starts its own server (PostgreSQL through `scripts/pg-server`, `redis-server`
+//! with its append-only file synced on every write), so stopping it disturbs no other test.
+//! Without the server binaries a test prints why and returns, except under `CI=true`,
+//! where it fails. No assertion is about time; recovery is awaited with generous deadlines.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::proxy::{LossyProxy, PG_READY_FOR_QUERY};
+use common::servers::{Control, PgServer, RedisServer};
+use common::shared::{self, SECRET};
+use common::{Answer, Binary, Upstream, client, post};
+use idem_core::PrincipalHasher;
+use idem_server::records::ScopeParts;
+use tempfile::TempDir;
+
+const BODY: &str = r#"{"amount": 100}"#;
+
+/// Where a request stood relative to the outage when it was sent or answered.
+const UP: u8 = 0;
+/// The stop was requested; the server may still be answering.
+const STOPPING: u8 = 1;
+/// The server is gone: it accepts no connections.
+const DOWN: u8 = 2;
+/// The restart was requested.
+const RESTARTING: u8 = 3;
+/// The server accepts connections again.
+const BACK: u8 = 4;
+/// The gateway has served a fresh key since the server came back.
+const RECOVERED: u8 = 5;
+
+/// One request of the load and its answer.
+#[derive(Clone, Debug)]
+struct Sent {
+    key: String,
+    retry: bool,
+    sent_in: u8,
+    answered_in: u8,
+    status: u16,
+    retry_after: bool,
+    problem: Option<String>,
+    replayed: Option<String>,
+    body: Bytes,
+}
+
+fn path_of(key: &str) -> String {
+    format!("/v1/charges/{key}")
+}
+
+/// Requests from a few concurrent clients, each sending fresh keys and, every fourth
+/// request, a retry of its own key from three requests earlier.
+struct Load {
+    phase: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Sent>>>,
+    /// Requests sent before the outage and not answered yet.
+    outstanding_before_down: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(gateway: &Binary, prefix: &str, workers: usize) -> Self {
+        let phase = Arc::new(AtomicU8::new(UP));
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let outstanding = Arc::new(AtomicU64::new(0));
+        let handles = (0..workers)
+            .map(|w| {
+                let base = gateway.url("");
+                let prefix = prefix.to_string();
+                let (phase, stop, log, outstanding) = (
+                    phase.clone(),
+                    stop.clone(),
+                    log.clone(),
+                    outstanding.clone(),
+                );
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let retry = i % 4 == 3;
+                        let n = if retry { i - 3 } else { i };
+                        let key = format!("{prefix}-{w}-{n}");
+                        let sent_in = phase.load(Ordering::SeqCst);
+                        let before_down = sent_in < DOWN;
+                        if before_down {
+                            outstanding.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let answer = post(format!("{base}{}", path_of(&key)))
+                            .key(&key)
+                            .json(BODY)
+                            .send_with(&client)
+                            .await
+                            .unwrap_or_else(|e| panic!("the gateway did not answer: {e}"));
+                        if before_down {
+                            outstanding.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        let answered_in = phase.load(Ordering::SeqCst);
+                        let problem = (answer.header("content-type")
+                            == Some("application/problem+json"))
+                        .then(|| answer.problem());
+                        log.lock().unwrap().push(Sent {
+                            key,
+                            retry,
+                            sent_in,
+                            answered_in,
+                            status: answer.status.as_u16(),
+                            retry_after: answer.header("retry-after").is_some(),
+                            problem,
+                            replayed: answer.replayed().map(str::to_string),
+                            body: answer.body.clone(),
+                        });
+                        i += 1;
+                        // Leave the two cores some room for the gateway and the server.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            phase,
+            stop,
+            log,
+            outstanding_before_down: outstanding,
+            workers: handles,
+        }
+    }
+
+    fn set_phase(&self, phase: u8) {
+        self.phase.store(phase, Ordering::SeqCst);
+    }
+
+    /// Waits (generously) until `n` requests sent in `phase` were answered with one of
+    /// `statuses`.
+    async fn wait_for(&self, n: usize, phase: u8, statuses: &[u16]) {
+        for _ in 0..1200 {
+            let count = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.sent_in == phase && s.answered_in == phase)
+                .filter(|s| statuses.contains(&s.status))
+                .count();
+            if count >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("fewer than {n} answers {statuses:?} to requests sent in phase {phase}");
+    }
+
+    async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::SeqCst);
+        for worker in self.workers {
+            worker.await.unwrap();
+        }
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// A gateway over the store at `store`, with `defaults` in `[defaults]`.
+fn gateway(dir: &TempDir, up: &Upstream, store: &str, defaults: &str) -> Binary {
+    shared::write_config(dir.path(), up, store, defaults);
+    shared::replica(dir.path())
+}
+
+fn is_running(gateway: &mut Binary) -> bool {
+    gateway.child.try_wait().unwrap().is_none()
+}
+
+/// Sends one request with `key` and returns the answer.
+async fn send(gateway: &Binary, key: &str) -> Answer {
+    post(gateway.url(&path_of(key)))
+        .key(key)
+        .json(BODY)
+        .send()
+        .await
+}
+
+fn assert_store_unavailable(answer: &Answer) {
+    assert_eq!(
+        answer.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.problem(), "store-unavailable");
+    assert!(
+        answer.header("retry-after").is_some(),
+        "a 503 carries Retry-After"
+    );
+}
+
+/// The whole outage story against `server` (see the module docs).
+async fn the_gateway_rides_out_an_outage(server: &mut dyn Control) {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = gateway(&dir, &up, &server.url(), "");
+    let pid = gw.child.id();
+    let prefix = shared::unique("outage");
+
+    // Store up: requests flow and complete.
+    let load = Load::start(&gw, &prefix, 6);
+    load.wait_for(40, UP, &[201]).await;
+    let completed_before = {
+        let log = load.log.lock().unwrap();
+        log.iter()
+            .find(|s| s.status == 201 && s.replayed.as_deref() == Some("false"))
+            .cloned()
+            .expect("a request completed before the outage")
+    };
+
+    // Stop the server in the middle of the run.
+    load.set_phase(STOPPING);
+    tokio::task::block_in_place(|| server.stop());
+    load.set_phase(DOWN);
+    let in_flight_at_stop = load.outstanding_before_down.load(Ordering::SeqCst);
+    let calls_at_stop = up.calls();
+
+    // While it is down: 503 with Retry-After, for a fresh key and for a retry of a
+    // completed one alike.
+    let down_key = format!("{prefix}-down-probe");
+    assert_store_unavailable(&send(&gw, &down_key).await);
+    assert_store_unavailable(&send(&gw, &completed_before.key).await);
+    load.wait_for(12, DOWN, &[503]).await;
+    let journal_down = up.executions();
+    let calls_down = up.calls();
+
+    // Back on the same port, with the same data.
+    load.set_phase(RESTARTING);
+    tokio::task::block_in_place(|| server.restart());
+    load.set_phase(BACK);
+
+    // The same gateway process recovers by itself.
+    let mut recovered = None;
+    for attempt in 0..600 {
+        let answer = send(&gw, &format!("{prefix}-back-probe-{attempt}")).await;
+        if answer.status == 201 {
+            recovered = Some(answer);
+            break;
+        }
+        assert_store_unavailable(&answer);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered.is_some(), "the gateway did not recover");
+    load.set_phase(RECOVERED);
+    load.wait_for(40, RECOVERED, &[201]).await;
+    let log = load.finish().await;
+    assert!(is_running(&mut gw), "the gateway kept running");
+    assert_eq!(gw.child.id(), pid, "the same gateway process");
+
+    // What was completed before the outage is replayed, not executed again; the request
+    // refused during the outage executes now, once.
+    let replay = send(&gw, &completed_before.key).await;
+    assert_eq!(replay.replayed(), Some("true"));
+    assert_eq!(replay.body, completed_before.body);
+    let down_probe = send(&gw, &down_key).await;
+    assert_eq!(down_probe.status, 201);
+    assert_eq!(down_probe.replayed(), Some("false"));
+
+    // During the outage the upstream received only requests claimed before the stop.
+    let first_sent: HashMap<&str, u8> = log.iter().rev().map(|s| (&*s.key, s.sent_in)).collect();
+    let sent_while_down: HashSet<&str> = first_sent
+        .iter()
+        .filter(|(_, phase)| **phase == DOWN)
+        .map(|(key, _)| *key)
+        .collect();
+    for key in &sent_while_down {
+        assert!(
+            !journal_down.contains_key(&path_of(key)),
+            "{key}, first sent while the store was down, reached the upstream during the outage"
+        );
+    }
+    assert!(!journal_down.contains_key(&path_of(&down_key)));
+    assert!(
+        calls_down - calls_at_stop <= in_flight_at_stop,
+        "{} upstream calls while the store was down, but only {in_flight_at_stop} requests \
+         were under way when it stopped",
+        calls_down - calls_at_stop
+    );
+    eprintln!(
+        "{} requests: {} answered while the store was down; {} upstream calls during the \
+         outage ({in_flight_at_stop} requests were under way at the stop)",
+        log.len(),
+        log.iter().filter(|s| s.answered_in == DOWN).count(),
+        calls_down - calls_at_stop
+    );
+
+    // Every answer is one of the contract's: executed or replayed, in flight (a key claimed
+    // before the stop whose completion the outage prevented), or 503 with Retry-After.
+    let mut originals: HashMap<&str, &Bytes> = HashMap::new();
+    for s in &log {
+        match s.status {
+            201 => {
+                if s.replayed.as_deref() == Some("false") {
+                    assert!(
+                        originals.insert(&s.key, &s.body).is_none(),
+                        "{} executed twice",
+                        s.key
+                    );
+                }
+            }
+            409 => {
+                assert!(s.retry, "{s:?}");
+                assert!(s.retry_after, "{s:?}");
+            }
+            503 => {
+                assert!(s.retry_after, "{s:?}");
+                assert_eq!(s.problem.as_deref(), Some("store-unavailable"));
+                assert!(
+                    s.sent_in < RECOVERED,
+                    "503 after the gateway recovered: {s:?}"
+                );
+            }
+            other => panic!("unexpected answer {other}: {s:?}"),
+        }
+        if s.sent_in == DOWN && s.answered_in == DOWN {
+            assert_eq!(s.status, 503, "{s:?}");
+        }
+    }
+    for s in log.iter().filter(|s| s.replayed.as_deref() == Some("true")) {
+        if let Some(original) = originals.get(&*s.key) {
+            assert_eq!(
+                *original, &s.body,
+                "a replay differs from the original answer"
+            );
+        }
+    }
+
+    // No key executed twice, and every executed answer a client saw is in the journal once.
+    let journal = up.executions();
+    for (path, count) in &journal {
+        assert_eq!(*count, 1, "{path} executed {count} times");
+    }
+    for key in originals.keys() {
+        assert_eq!(journal.get(&path_of(key)), Some(&1), "{key}");
+    }
+}
+
+/// How the lost claim's answer is recognised on the wire, per store.
+#[derive(Clone, Copy)]
+enum Wire {
+    Postgres,
+    Redis,
+}
+
+/// A gateway that reaches the store through a [`LossyProxy`], and the record id of the
+/// request `post(path)` with `key` and no principal.
+struct Lossy {
+    up: Upstream,
+    proxy: LossyProxy,
+    gw: Binary,
+    namespace: String,
+    _dir: TempDir,
+}
+
+async fn lossy(server: &dyn Control, wire: Wire, defaults: &str) -> Lossy {
+    let up = Upstream::start().await;
+    let proxy = LossyProxy::start(server.addr()).await;
+    let url = match wire {
+        Wire::Postgres => format!("postgres://postgres@{}/postgres", proxy.addr),
+        Wire::Redis => format!("redis://{}", proxy.addr),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let namespace = shared::unique("lossy");
+    let gw = gateway(
+        &dir,
+        &up,
+        &url,
+        &format!("namespace = \"{namespace}\"\n{defaults}"),
+    );
+    Lossy {
+        up,
+        proxy,
+        gw,
+        namespace,
+        _dir: dir,
+    }
+}
+
+impl Lossy {
+    /// Arms the proxy to lose the answer to the claim of `key`'s record.
+    fn lose_claim_answer(&self, wire: Wire, key: &str, then_refuse: bool) {
+        let parts = ScopeParts {
+            namespace: Some(self.namespace.clone()),
+            principal: None,
+            method: "POST".into(),
+            route: "/*".into(),
+            path: Some(path_of(key)),
+            key: key.into(),
+        };
+        let id = parts
+            .record_id(&PrincipalHasher::new(SECRET.as_bytes()))
+            .unwrap();
+        match wire {
+            // The id travels as a bytea parameter of the claim statement; the answer is
+            // complete (and committed) at ReadyForQuery.
+            Wire::Postgres => {
+                self.proxy
+                    .lose_answer_to(id.as_bytes(), Some(PG_READY_FOR_QUERY), then_refuse);
+            }
+            // The id is in the record's key, `<prefix>:{<hex id>}`.
+            Wire::Redis => {
+                self.proxy
+                    .lose_answer_to(id.to_hex().as_bytes(), None, then_refuse);
+            }
+        }
+    }
+}
+
+/// The claim ran on the server, its answer was lost: the store reads it back and the
+/// request executes once.
+async fn a_lost_claim_answer_is_read_back(server: &dyn Control, wire: Wire) {
+    let l = lossy(server, wire, "").await;
+    let key = shared::unique("lost");
+    l.lose_claim_answer(wire, &key, false);
+    let first = send(&l.gw, &key).await;
+    assert_eq!(l.proxy.lost(), 1, "the claim's answer was lost");
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert_eq!(first.replayed(), Some("false"));
+    assert_eq!(l.up.calls(), 1);
+    let retry = send(&l.gw, &key).await;
+    assert_eq!(retry.replayed(), Some("true"));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(l.up.calls(), 1);
+}
+
+/// The claim ran on the server, its answer was lost, and the server stays unreachable: the
+/// outcome is unknown, so the gateway answers 503 and forwards nothing. Once the server is
+/// reachable the record is found held by the lost claim (409), and after its lease an
+/// `outcome-unknown` answer is stored: the request is never executed on an assumption.
+async fn a_lost_claim_answer_is_never_assumed(server: &dyn Control, wire: Wire) {
+    let l = lossy(server, wire, "lease = \"2s\"").await;
+    let key = shared::unique("unknown");
+    l.lose_claim_answer(wire, &key, true);
+    let first = send(&l.gw, &key).await;
+    assert_eq!(l.proxy.lost(), 1, "the claim's answer was lost");
+    assert_store_unavailable(&first);
+    assert_eq!(l.up.calls(), 0);
+
+    l.proxy.heal();
+    let mut answer = send(&l.gw, &key).await;
+    for _ in 0..600 {
+        if answer.status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer = send(&l.gw, &key).await;
+    }
+    // The lost claim took the record (unless its 2 s lease already passed on a slow
+    // machine, when the record is taken over right away).
+    if answer.status == 409 {
+        assert_eq!(answer.problem(), "in-flight");
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer = send(&l.gw, &key).await;
+            if answer.status != 409 {
+                break;
+            }
+        }
+    }
+    assert_eq!(answer.problem(), "outcome-unknown");
+    assert_eq!(answer.replayed(), Some("false"));
+    let again = send(&l.gw, &key).await;
+    assert_eq!(again.replayed(), Some("true"));
+    assert_eq!(again.body, answer.body);
+    assert_eq!(l.up.calls(), 0, "never executed on an assumption");
+}
+
+fn postgres() -> Option<PgServer> {
+    shared::require(
+        PgServer::available(),
+        "PostgreSQL",
+        "apt-get install postgresql (scripts/test installs it)",
+    )?;
+    Some(PgServer::start())
+}
+
+fn redis() -> Option<RedisServer> {
+    shared::require(
+        RedisServer::available(),
+        "redis-server",
+        "apt-get install redis-server (scripts/test installs it)",
+    )?;
+    Some(RedisServer::start())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_answers_503_forwards_nothing_and_recovers_without_a_restart() {
+    let Some(mut server) = postgres() else { return };
+    the_gateway_rides_out_an_outage(&mut server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_answers_503_forwards_nothing_and_recovers_without_a_restart() {
+    let Some(mut server) = redis() else { return };
+    the_gateway_rides_out_an_outage(&mut server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claim_whose_answer_is_lost_is_read_back_and_executes_once() {
+    let Some(server) = postgres() else { return };
+    a_lost_claim_answer_is_read_back(&server, Wire::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_claim_whose_answer_is_lost_is_read_back_and_executes_once() {
+    let Some(server) = redis() else { return };
+    a_lost_claim_answer_is_read_back(&server, Wire::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claim_whose_answer_is_lost_while_the_server_is_away_is_never_assumed() {
+    let Some(server) = postgres() else { return };
+    a_lost_claim_answer_is_never_assumed(&server, Wire::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_claim_whose_answer_is_lost_while_the_server_is_away_is_never_assumed() {
+    let Some(server) = redis() else { return };
+    a_lost_claim_answer_is_never_assumed(&server, Wire::Redis).await;
+}
