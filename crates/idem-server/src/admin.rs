@@ -11,8 +11,12 @@
 //! | `GET /admin/records?route=&method=&key=[&principal=][&namespace=][&body=]` | the id the scope parts name, and its record |
 //! | `GET /admin/in-flight[?after=ID][&limit=N]` | in-flight records, in id order |
 //!
-//! Errors are `application/problem+json`. The listener has no authentication: bind it to
-//! loopback or a private network.
+//! Errors are `application/problem+json`.
+//!
+//! **Access.** Without an `admin_token` the listener must be bound to a loopback address
+//! (the configuration refuses anything else). With a token, every endpoint but `/healthz`
+//! requires `Authorization: Bearer <token>` (compared in constant time) and answers `401`
+//! `unauthorized` otherwise.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,31 +43,86 @@ pub struct AdminState {
     store: Arc<dyn Store>,
     metrics: Metrics,
     hasher: PrincipalHasher,
+    /// The SHA-256 of the bearer token, if one is required.
+    token: Option<[u8; 32]>,
 }
 
 impl AdminState {
-    /// The admin state of a gateway.
+    /// The admin state of a gateway, without a token (for a loopback listener).
     pub fn new(app: &App) -> Self {
         Self {
             store: app.store().clone(),
             metrics: app.metrics().clone(),
             hasher: app.hasher().clone(),
+            token: None,
         }
     }
+
+    /// Requires `Authorization: Bearer <token>` on every endpoint but `/healthz`.
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(digest);
+        self
+    }
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes()).into()
 }
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/records", get(lookup))
         .route("/admin/records/{id}", get(show).delete(purge))
         .route("/admin/records/{id}/release", post(release))
         .route("/admin/in-flight", get(in_flight))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .route("/healthz", get(healthz))
         .with_state(state)
+}
+
+/// Lets a request through when no token is configured or it carries the token.
+async fn require_token(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use subtle::ConstantTimeEq as _;
+    let Some(expected) = state.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    // Digests of equal length, compared in constant time: neither the token's bytes nor
+    // its length leak through timing.
+    let authorized = given.is_some_and(|token| bool::from(digest(token).ct_eq(&expected)));
+    if authorized {
+        return next.run(request).await;
+    }
+    let mut response = problem(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        "the admin API requires Authorization: Bearer <admin_token>",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"idem-admin\""),
+    );
+    response
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` resolves.

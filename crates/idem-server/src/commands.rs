@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::cli::{DemoArgs, KeysCommand, MigrateArgs, RecordArgs, ServeArgs};
-use crate::config::{Config, ConfigError, FileConfig, Overrides, SECRET_ENV};
+use crate::config::{Config, ConfigError, Encryption, Env, FileConfig, Overrides, SECRET_ENV};
 use crate::records::{self, Purged, Released, ScopeParts};
 use crate::secret;
 use crate::server::{self, App};
@@ -82,6 +82,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .open()
         .await
         .with_context(|| format!("cannot open the store {}", config.store))?;
+    // Encryption at rest: the gateway, the admin API and the purger all see the decorator.
+    let store = match &config.encryption {
+        Some(encryption) => encryption.wrap(store),
+        None => store,
+    };
     let app = App::new(&config, store.clone(), &secret)
         .map_err(|e| anyhow!("cannot set up the gateway: {e}"))?;
 
@@ -90,9 +95,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = match config.admin_listen {
         Some(addr) => {
-            if !addr.ip().is_loopback() {
-                warn!(%addr, "admin_listen is not a loopback address: the admin API has no authentication");
-            }
+            // A non-loopback address without a token was refused by the validation.
             Some(
                 TcpListener::bind(addr)
                     .await
@@ -105,6 +108,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         upstream = %config.upstream,
         store = %config.store,
         routes = config.routes.len(),
+        mode = ?config.mode,
+        encryption = config.encryption.is_some(),
+        admin_token = config.admin_token.is_some(),
         "idem gateway starting"
     );
 
@@ -116,7 +122,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let admin = admin_listener.map(|listener| {
         tokio::spawn(admin::run(
             listener,
-            AdminState::new(&app),
+            AdminState::new(&app).with_token(config.admin_token.as_deref()),
             stopped(stop.clone()),
         ))
     });
@@ -193,10 +199,22 @@ fn store_and_secret(
     store: Option<&str>,
     config: Option<&Path>,
 ) -> Result<(StoreUrl, Option<String>), Failure> {
+    let (url, secret, _) = store_secret_and_encryption(store, config)?;
+    Ok((url, secret))
+}
+
+/// [`store_and_secret`], and the encryption at rest the file or the environment
+/// configures.
+fn store_secret_and_encryption(
+    store: Option<&str>,
+    config: Option<&Path>,
+) -> Result<(StoreUrl, Option<String>, Option<Encryption>), Failure> {
     let file = match config {
         Some(path) => FileConfig::read(path).map_err(invalid_config)?,
         None => FileConfig::default(),
     };
+    let encryption = crate::config::encryption(file.encryption.as_ref(), &Env::from_process())
+        .map_err(invalid_config)?;
     let text = store.map(str::to_string).or(file.store).ok_or_else(|| {
         Failure::Usage(anyhow!(
             "no store: pass --store URL or --config FILE with a `store`"
@@ -208,7 +226,7 @@ fn store_and_secret(
         .ok()
         .filter(|s| !s.is_empty())
         .or(file.principal_secret);
-    Ok((url, secret))
+    Ok((url, secret, encryption))
 }
 
 async fn open(url: &StoreUrl) -> Result<Arc<dyn Store>, Failure> {
@@ -221,6 +239,17 @@ async fn open(url: &StoreUrl) -> Result<Arc<dyn Store>, Failure> {
         .open()
         .await
         .with_context(|| format!("cannot open the store {url}"))?)
+}
+
+/// Opens the store of `idem keys`, seen through the configured encryption.
+async fn open_record_store(record: &RecordArgs) -> Result<Arc<dyn Store>, Failure> {
+    let (url, _, encryption) =
+        store_secret_and_encryption(record.store.as_deref(), record.config.as_deref())?;
+    let store = open(&url).await?;
+    Ok(match encryption {
+        Some(encryption) => encryption.wrap(store),
+        None => store,
+    })
 }
 
 fn record_id(args: &RecordArgs, url: &StoreUrl, secret: Option<&str>) -> Result<RecordId, Failure> {
@@ -279,7 +308,7 @@ pub async fn keys(command: KeysCommand) -> Result<(), Failure> {
             let (url, secret) =
                 store_and_secret(record.store.as_deref(), record.config.as_deref())?;
             let id = record_id(&record, &url, secret.as_deref())?;
-            let store = open(&url).await?;
+            let store = open_record_store(&record).await?;
             match store.get(&id).await.context("reading the record")? {
                 Some(found) => {
                     print_json(&records::record_json(&found, body));

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, Uri};
 use idem_tower::{
-    Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, RouteError, Routes,
+    Anonymous, Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, RouteError,
+    Routes,
 };
 use serde::Deserialize;
 
@@ -33,6 +34,24 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// The environment variable that holds the principal secret.
 pub const SECRET_ENV: &str = "IDEM_PRINCIPAL_SECRET";
+/// The environment variable that overrides `mode`.
+pub const MODE_ENV: &str = "IDEM_MODE";
+/// The environment variable that holds the admin API's bearer token.
+pub const ADMIN_TOKEN_ENV: &str = "IDEM_ADMIN_TOKEN";
+/// The environment variable that replaces `[encryption] keys`: `id:base64,id:base64`.
+pub const ENCRYPTION_KEYS_ENV: &str = "IDEM_ENCRYPTION_KEYS";
+/// The environment variable that overrides `[encryption] active`.
+pub const ENCRYPTION_ACTIVE_ENV: &str = "IDEM_ENCRYPTION_ACTIVE";
+/// How long after its record expired a retry still counts as late.
+pub const DEFAULT_LATE_RETRY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// How long a client has to send a request's headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most header lines a request may have.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// The largest request head (request line and headers), in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// The most client connections served at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// A configuration error: the field it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +164,179 @@ pub enum OnCancelField {
     Release,
 }
 
+/// `anonymous = "shared" | "reject"`: what a keyed request without a principal gets.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum AnonymousField {
+    Shared,
+    Reject,
+}
+
+/// `mode = "development" | "production"`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Conveniences for a laptop: a generated principal secret for the memory and embedded
+    /// stores, anonymous requests sharing one scope unless a route says otherwise.
+    #[default]
+    Development,
+    /// Safe defaults: the principal secret must be configured whatever the store, and
+    /// keyed requests without a principal are rejected unless a route says
+    /// `anonymous = "shared"`.
+    Production,
+}
+
+impl Mode {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "development" => Some(Mode::Development),
+            "production" => Some(Mode::Production),
+            _ => None,
+        }
+    }
+}
+
+/// The `[encryption]` table as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionFields {
+    /// Key id → 32 bytes in standard base64.
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, String>,
+    /// The id of the key new responses are sealed with.
+    pub active: Option<String>,
+    /// Whether responses stored in clear are still replayed (while migrating).
+    pub allow_plaintext: Option<bool>,
+}
+
+/// Encryption at rest of stored responses, validated.
+#[derive(Clone, Debug)]
+pub struct Encryption {
+    /// The keys and the active one.
+    pub keyring: idem_encrypt::Keyring,
+    /// Whether responses stored in clear are still replayed.
+    pub allow_plaintext: bool,
+}
+
+impl Encryption {
+    /// Wraps a store so that its responses are sealed at rest.
+    pub fn wrap(
+        &self,
+        store: std::sync::Arc<dyn idem_core::Store>,
+    ) -> std::sync::Arc<dyn idem_core::Store> {
+        std::sync::Arc::new(
+            idem_encrypt::EncryptingStore::new(store, self.keyring.clone())
+                .with_plaintext_reads(self.allow_plaintext),
+        )
+    }
+}
+
+/// The environment variables the configuration reads.
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    /// [`SECRET_ENV`].
+    pub principal_secret: Option<String>,
+    /// [`MODE_ENV`].
+    pub mode: Option<String>,
+    /// [`ADMIN_TOKEN_ENV`].
+    pub admin_token: Option<String>,
+    /// [`ENCRYPTION_KEYS_ENV`].
+    pub encryption_keys: Option<String>,
+    /// [`ENCRYPTION_ACTIVE_ENV`].
+    pub encryption_active: Option<String>,
+}
+
+impl Env {
+    /// The variables of this process (an empty variable counts as unset).
+    pub fn from_process() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+        Self {
+            principal_secret: var(SECRET_ENV),
+            mode: var(MODE_ENV),
+            admin_token: var(ADMIN_TOKEN_ENV),
+            encryption_keys: var(ENCRYPTION_KEYS_ENV),
+            encryption_active: var(ENCRYPTION_ACTIVE_ENV),
+        }
+    }
+}
+
+/// The encryption settings of a file and the environment (the environment's keys replace
+/// the file's); `None` when neither configures any key.
+pub fn encryption(
+    file: Option<&EncryptionFields>,
+    env: &Env,
+) -> Result<Option<Encryption>, ConfigError> {
+    use base64::Engine as _;
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    if let Some(text) = &env.encryption_keys {
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (id, key) = entry.split_once(':').ok_or_else(|| {
+                ConfigError::new(ENCRYPTION_KEYS_ENV, "write the keys as id:base64,id:base64")
+            })?;
+            keys.push((
+                id.trim().into(),
+                key.trim().into(),
+                ENCRYPTION_KEYS_ENV.into(),
+            ));
+        }
+    } else if let Some(fields) = file {
+        for (id, key) in &fields.keys {
+            keys.push((id.clone(), key.clone(), format!("encryption.keys.{id}")));
+        }
+    }
+    let active = env
+        .encryption_active
+        .clone()
+        .or_else(|| file.and_then(|f| f.active.clone()));
+    if keys.is_empty() {
+        if active.is_some() || file.is_some_and(|f| f.allow_plaintext.is_some()) {
+            return Err(ConfigError::new(
+                "encryption.keys",
+                format!("no keys: set [encryption] keys or {ENCRYPTION_KEYS_ENV}"),
+            ));
+        }
+        return Ok(None);
+    }
+    let mut decoded = Vec::new();
+    for (id, key, field) in &keys {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .map_err(|_| ConfigError::new(field, "not standard base64"))?;
+        if bytes.len() != idem_encrypt::KEY_LEN {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "{} bytes; a key is 32 random bytes (`head -c 32 /dev/urandom | base64`)",
+                    bytes.len()
+                ),
+            ));
+        }
+        decoded.push((id.as_str(), bytes));
+    }
+    let active = match active {
+        Some(active) => active,
+        None if decoded.len() == 1 => decoded[0].0.to_string(),
+        None => {
+            return Err(ConfigError::new(
+                "encryption.active",
+                format!(
+                    "missing: name the key that seals new responses (or {ENCRYPTION_ACTIVE_ENV})"
+                ),
+            ));
+        }
+    };
+    let keyring = idem_encrypt::Keyring::from_keys(
+        decoded.iter().map(|(id, bytes)| (*id, bytes.as_slice())),
+        &active,
+    )
+    .map_err(|e| ConfigError::new("encryption", e))?;
+    Ok(Some(Encryption {
+        keyring,
+        allow_plaintext: file.and_then(|f| f.allow_plaintext).unwrap_or(false),
+    }))
+}
+
 /// The per-route fields, as written in `[defaults]` and in each `[[routes]]` table. Every
 /// field is optional: a route inherits what it does not set from `[defaults]`, and
 /// `[defaults]` from the built-in defaults.
@@ -165,6 +357,7 @@ pub struct RouteFields {
     pub max_request_body: Option<Size>,
     pub max_stored_response: Option<Size>,
     pub principal_header: Option<String>,
+    pub anonymous: Option<AnonymousField>,
     pub fail: Option<FailField>,
     pub on_cancel: Option<OnCancelField>,
     pub namespace: Option<String>,
@@ -188,6 +381,14 @@ pub struct FileConfig {
     pub purge_interval: Option<Dur>,
     pub key_header: Option<String>,
     pub forward_key: Option<bool>,
+    pub mode: Option<Mode>,
+    pub admin_token: Option<String>,
+    pub late_retry_window: Option<Dur>,
+    pub header_read_timeout: Option<Dur>,
+    pub max_headers: Option<usize>,
+    pub max_header_bytes: Option<Size>,
+    pub max_connections: Option<usize>,
+    pub encryption: Option<EncryptionFields>,
     #[serde(default)]
     pub defaults: RouteFields,
     #[serde(default)]
@@ -271,32 +472,56 @@ pub struct Config {
     pub forward_key: bool,
     /// The route table, with the implicit `/*` route when the file lists none.
     pub routes: Routes,
+    /// Development or production defaults.
+    pub mode: Mode,
+    /// The admin API's bearer token, if any.
+    pub admin_token: Option<String>,
+    /// Encryption at rest of stored responses, if configured.
+    pub encryption: Option<Encryption>,
+    /// How long after its record expired a retry counts as late (zero: not tracked).
+    pub late_retry_window: Duration,
+    /// How long a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// The most header lines a request may have.
+    pub max_headers: usize,
+    /// The largest request head, in bytes.
+    pub max_header_bytes: usize,
+    /// The most client connections served at once.
+    pub max_connections: usize,
 }
 
 impl Config {
     /// A configuration from a TOML document alone (tests, embedding).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::build(FileConfig::parse(text)?, Overrides::default(), None)
+        Self::build(
+            FileConfig::parse(text)?,
+            Overrides::default(),
+            &Env::default(),
+        )
     }
 
-    /// Reads the file (if any), applies the overrides and the environment's
-    /// [`SECRET_ENV`], and validates the result.
+    /// Reads the file (if any), applies the overrides and the environment ([`Env`]), and
+    /// validates the result.
     pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
         let file = match path {
             Some(path) => FileConfig::read(path)?,
             None => FileConfig::default(),
         };
-        let env_secret = std::env::var(SECRET_ENV).ok().filter(|s| !s.is_empty());
-        Self::build(file, overrides, env_secret)
+        Self::build(file, overrides, &Env::from_process())
     }
 
-    /// Validates a parsed file with overrides; `env_secret` takes precedence over the
-    /// file's `principal_secret`.
-    pub fn build(
-        file: FileConfig,
-        overrides: Overrides,
-        env_secret: Option<String>,
-    ) -> Result<Self, ConfigError> {
+    /// Validates a parsed file with overrides; the environment's values take precedence
+    /// over the file's.
+    pub fn build(file: FileConfig, overrides: Overrides, env: &Env) -> Result<Self, ConfigError> {
+        let mode = match &env.mode {
+            Some(text) => Mode::parse(text).ok_or_else(|| {
+                ConfigError::new(
+                    MODE_ENV,
+                    format!("{text:?}: expected development or production"),
+                )
+            })?,
+            None => file.mode.unwrap_or_default(),
+        };
         let listen_text = overrides
             .listen
             .or(file.listen)
@@ -320,10 +545,35 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_STORE.into());
         let store = StoreUrl::parse(&store_text).map_err(|e| ConfigError::new("store", e))?;
 
-        let principal_secret = env_secret.or(file.principal_secret);
+        let principal_secret = env.principal_secret.clone().or(file.principal_secret);
         if principal_secret.as_deref() == Some("") {
             return Err(ConfigError::new("principal_secret", "must not be empty"));
         }
+        if principal_secret.is_none() && mode == Mode::Production {
+            return Err(ConfigError::new(
+                "principal_secret",
+                format!(
+                    "required in production mode, whatever the store: set `principal_secret` \
+                     or {SECRET_ENV}"
+                ),
+            ));
+        }
+        let admin_token = env.admin_token.clone().or(file.admin_token);
+        if admin_token.as_deref() == Some("") {
+            return Err(ConfigError::new("admin_token", "must not be empty"));
+        }
+        if let Some(addr) = admin_listen {
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return Err(ConfigError::new(
+                    "admin_listen",
+                    format!(
+                        "{addr} is not a loopback address: an admin API reachable from other \
+                         machines needs `admin_token` (or {ADMIN_TOKEN_ENV})"
+                    ),
+                ));
+            }
+        }
+        let encryption = encryption(file.encryption.as_ref(), env)?;
         if principal_secret.is_none() && store.sharing() == Sharing::Shared {
             return Err(ConfigError::new(
                 "principal_secret",
@@ -362,6 +612,36 @@ impl Config {
             file.purge_interval,
             DEFAULT_PURGE_INTERVAL,
         )?;
+        let header_read_timeout = positive(
+            "header_read_timeout",
+            file.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        )?;
+        let late_retry_window = file
+            .late_retry_window
+            .map_or(DEFAULT_LATE_RETRY_WINDOW, |d| d.0);
+        let max_headers = file.max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+        if !(1..=10_000).contains(&max_headers) {
+            return Err(ConfigError::new(
+                "max_headers",
+                "must be between 1 and 10000",
+            ));
+        }
+        let max_header_bytes = file
+            .max_header_bytes
+            .map_or(DEFAULT_MAX_HEADER_BYTES, |s| s.0);
+        if !(8192..=16 * 1024 * 1024).contains(&max_header_bytes) {
+            return Err(ConfigError::new(
+                "max_header_bytes",
+                "must be between 8KiB and 16MiB",
+            ));
+        }
+        let max_header_bytes = usize::try_from(max_header_bytes)
+            .map_err(|_| ConfigError::new("max_header_bytes", "too large for this machine"))?;
+        let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
 
         if file.defaults.path.is_some() {
             return Err(ConfigError::new(
@@ -371,7 +651,7 @@ impl Config {
         }
         let mut routes = Routes::new();
         if file.routes.is_empty() {
-            let policy = policy("defaults", &RouteFields::default(), &file.defaults)?;
+            let policy = policy("defaults", &RouteFields::default(), &file.defaults, mode)?;
             add_route(&mut routes, "defaults", "/*", policy)?;
         }
         for (i, route) in file.routes.iter().enumerate() {
@@ -380,7 +660,7 @@ impl Config {
                 .path
                 .as_deref()
                 .ok_or_else(|| ConfigError::new(format!("{name}.path"), "missing"))?;
-            let policy = policy(&name, route, &file.defaults)?;
+            let policy = policy(&name, route, &file.defaults, mode)?;
             add_route(&mut routes, &name, path, policy)?;
         }
 
@@ -397,6 +677,14 @@ impl Config {
             key_header,
             forward_key: file.forward_key.unwrap_or(true),
             routes,
+            mode,
+            admin_token,
+            encryption,
+            late_retry_window,
+            header_read_timeout,
+            max_headers,
+            max_header_bytes,
+            max_connections,
         })
     }
 }
@@ -467,7 +755,12 @@ fn add_route(
 
 /// The effective policy of a route: its own fields over `[defaults]` over the built-in
 /// defaults. Errors name the table the offending value came from.
-fn policy(name: &str, route: &RouteFields, defaults: &RouteFields) -> Result<Policy, ConfigError> {
+fn policy(
+    name: &str,
+    route: &RouteFields,
+    defaults: &RouteFields,
+    mode: Mode,
+) -> Result<Policy, ConfigError> {
     // Which table a field's effective value was written in.
     let source = |route_has: bool, field: &str| {
         if route_has {
@@ -580,6 +873,13 @@ fn policy(name: &str, route: &RouteFields, defaults: &RouteFields) -> Result<Pol
         let field = source(route.principal_header.is_some(), "principal_header");
         policy = policy.with_principal_header(parse_header(&field, header)?);
     }
+    let anonymous = match route.anonymous.or(defaults.anonymous) {
+        Some(AnonymousField::Shared) => Anonymous::Shared,
+        Some(AnonymousField::Reject) => Anonymous::Reject,
+        None if mode == Mode::Production => Anonymous::Reject,
+        None => Anonymous::Shared,
+    };
+    policy = policy.with_anonymous(anonymous);
     if let Some(fail) = route.fail.or(defaults.fail) {
         policy = policy.with_fail(match fail {
             FailField::Closed => FailMode::Closed,
@@ -736,15 +1036,152 @@ mod tests {
     #[test]
     fn shared_stores_require_a_secret() {
         let text = "upstream = \"http://a:1\"\nstore = \"postgres://u@h/db\"\n";
-        let e = Config::build(FileConfig::parse(text).unwrap(), Overrides::default(), None)
-            .unwrap_err();
+        let e = Config::build(
+            FileConfig::parse(text).unwrap(),
+            Overrides::default(),
+            &Env::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "principal_secret", "{e}");
         let ok = Config::build(
             FileConfig::parse(text).unwrap(),
             Overrides::default(),
-            Some("s".into()),
+            &Env {
+                principal_secret: Some("s".into()),
+                ..Env::default()
+            },
         );
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn production_mode_requires_a_secret_and_rejects_anonymous_requests_by_default() {
+        let e = err(&format!("{UP}mode = \"production\"\n"));
+        assert_eq!(e.field, "principal_secret", "{e}");
+        let text = format!(
+            "{UP}mode = \"production\"\nprincipal_secret = \"s\"\n[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nanonymous = \"shared\"\n"
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let anonymous: Vec<_> = config
+            .routes
+            .iter()
+            .map(|r| r.policy().anonymous())
+            .collect();
+        assert_eq!(anonymous, [Anonymous::Reject, Anonymous::Shared]);
+        let dev = Config::from_toml(&format!("{UP}[[routes]]\npath = \"/a\"\n")).unwrap();
+        assert_eq!(
+            dev.routes.iter().next().unwrap().policy().anonymous(),
+            Anonymous::Shared
+        );
+        // The environment's mode wins over the file's.
+        let env = Env {
+            mode: Some("production".into()),
+            ..Env::default()
+        };
+        let e =
+            Config::build(FileConfig::parse(UP).unwrap(), Overrides::default(), &env).unwrap_err();
+        assert_eq!(e.field, "principal_secret", "{e}");
+        let env = Env {
+            mode: Some("prod".into()),
+            ..Env::default()
+        };
+        let e =
+            Config::build(FileConfig::parse(UP).unwrap(), Overrides::default(), &env).unwrap_err();
+        assert_eq!(e.field, MODE_ENV, "{e}");
+    }
+
+    #[test]
+    fn an_admin_api_beyond_loopback_needs_a_token() {
+        let e = err(&format!("{UP}admin_listen = \"0.0.0.0:9090\"\n"));
+        assert_eq!(e.field, "admin_listen", "{e}");
+        let ok = Config::from_toml(&format!(
+            "{UP}admin_listen = \"0.0.0.0:9090\"\nadmin_token = \"t\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.admin_token.as_deref(), Some("t"));
+        let env = Env {
+            admin_token: Some("from-env".into()),
+            ..Env::default()
+        };
+        let file = FileConfig::parse(&format!("{UP}admin_listen = \"[::]:9090\"\n")).unwrap();
+        let config = Config::build(file, Overrides::default(), &env).unwrap();
+        assert_eq!(config.admin_token.as_deref(), Some("from-env"));
+        assert!(Config::from_toml(&format!("{UP}admin_listen = \"127.0.0.1:0\"\n")).is_ok());
+    }
+
+    #[test]
+    fn encryption_keys_come_from_the_file_or_the_environment() {
+        let k1 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+        let k2 = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+        let config = Config::from_toml(&format!(
+            "{UP}[encryption]\nkeys = {{ k1 = \"{k1}\", k2 = \"{k2}\" }}\nactive = \"k2\"\n"
+        ))
+        .unwrap();
+        let encryption = config.encryption.unwrap();
+        assert_eq!(encryption.keyring.active_id().as_str(), "k2");
+        assert_eq!(encryption.keyring.len(), 2);
+        assert!(!encryption.allow_plaintext);
+        // One key needs no `active`; two do.
+        assert!(
+            Config::from_toml(&format!("{UP}[encryption]\nkeys = {{ k1 = \"{k1}\" }}\n")).is_ok()
+        );
+        let e = err(&format!(
+            "{UP}[encryption]\nkeys = {{ k1 = \"{k1}\", k2 = \"{k2}\" }}\n"
+        ));
+        assert_eq!(e.field, "encryption.active", "{e}");
+        let e = err(&format!(
+            "{UP}[encryption]\nkeys = {{ k1 = \"c2hvcnQ=\" }}\n"
+        ));
+        assert_eq!(e.field, "encryption.keys.k1", "{e}");
+        let e = err(&format!(
+            "{UP}[encryption]\nkeys = {{ k1 = \"not base64!\" }}\n"
+        ));
+        assert_eq!(e.field, "encryption.keys.k1", "{e}");
+        let e = err(&format!("{UP}[encryption]\nactive = \"k1\"\n"));
+        assert_eq!(e.field, "encryption.keys", "{e}");
+        // The environment's keys replace the file's.
+        let env = Env {
+            encryption_keys: Some(format!("old:{k1}, new:{k2}")),
+            encryption_active: Some("new".into()),
+            ..Env::default()
+        };
+        let config =
+            Config::build(FileConfig::parse(UP).unwrap(), Overrides::default(), &env).unwrap();
+        let ids: Vec<_> = config
+            .encryption
+            .unwrap()
+            .keyring
+            .ids()
+            .map(|id| id.as_str().to_string())
+            .collect();
+        assert_eq!(ids, ["new", "old"]);
+        let env = Env {
+            encryption_keys: Some("no-colon".into()),
+            ..Env::default()
+        };
+        let e =
+            Config::build(FileConfig::parse(UP).unwrap(), Overrides::default(), &env).unwrap_err();
+        assert_eq!(e.field, ENCRYPTION_KEYS_ENV, "{e}");
+    }
+
+    #[test]
+    fn connection_limits_have_bounds() {
+        let config = Config::from_toml(UP).unwrap();
+        assert_eq!(config.max_headers, DEFAULT_MAX_HEADERS);
+        assert_eq!(config.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(err(&format!("{UP}max_headers = 0\n")).field, "max_headers");
+        assert_eq!(
+            err(&format!("{UP}max_header_bytes = \"1KiB\"\n")).field,
+            "max_header_bytes"
+        );
+        assert_eq!(
+            err(&format!("{UP}max_connections = 0\n")).field,
+            "max_connections"
+        );
+        assert_eq!(
+            err(&format!("{UP}header_read_timeout = \"0s\"\n")).field,
+            "header_read_timeout"
+        );
     }
 
     #[test]
@@ -758,7 +1195,7 @@ mod tests {
                 store: Some("memory://".into()),
                 admin_listen: None,
             },
-            None,
+            &Env::default(),
         )
         .unwrap();
         assert_eq!(config.listen.port(), 2);

@@ -47,6 +47,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod late;
 pub mod metrics;
 pub mod payments;
 pub mod proxy;

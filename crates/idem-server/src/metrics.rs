@@ -14,6 +14,8 @@
 //! | `idem_upstream_requests_total` | counter | `result` | upstream calls: `ok`, `connect_error`, `timeout`, `connection_lost` |
 //! | `idem_route_retention_seconds` | gauge | `route`, `methods` | the replay window of each route |
 //! | `idem_route_lease_seconds` | gauge | `route`, `methods` | the lease of each route |
+//! | `idem_late_retries_total` | counter | `route` | requests that executed again because their record's retention had ended within `late_retry_window` (see [`late`](crate::late)) |
+//! | `idem_connections_rejected_total` | counter | | connections closed at once because `max_connections` were open |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +33,8 @@ const IN_FLIGHT: &str = "idem_in_flight_requests";
 const UPSTREAM: &str = "idem_upstream_requests_total";
 const RETENTION: &str = "idem_route_retention_seconds";
 const LEASE: &str = "idem_route_lease_seconds";
+const LATE_RETRIES: &str = "idem_late_retries_total";
+const CONNECTIONS_REJECTED: &str = "idem_connections_rejected_total";
 
 /// Store latency buckets, in seconds: from a memory store's microseconds to a slow
 /// network round trip.
@@ -120,6 +124,16 @@ impl Metrics {
             None,
             "Calls to the upstream, by result (ok, connect_error, timeout, connection_lost).",
         );
+        describe(
+            LATE_RETRIES,
+            None,
+            "Requests executed again because their key's retention had ended shortly before.",
+        );
+        describe(
+            CONNECTIONS_REJECTED,
+            None,
+            "Client connections closed at once because max_connections were open.",
+        );
         self.recorder.describe_histogram(
             KeyName::from_const_str(STORE_LATENCY),
             Some(Unit::Seconds),
@@ -175,6 +189,17 @@ impl Metrics {
             self.gauge(LEASE, labels())
                 .set(route.policy().lease().as_secs_f64());
         }
+    }
+
+    /// Counts a late retry on a route.
+    pub fn late_retry(&self, route: &str) {
+        self.counter(LATE_RETRIES, vec![Label::new("route", route.to_string())])
+            .increment(1);
+    }
+
+    /// Counts a connection refused over `max_connections`.
+    pub fn connection_rejected(&self) {
+        self.counter(CONNECTIONS_REJECTED, Vec::new()).increment(1);
     }
 
     /// Counts an upstream call.

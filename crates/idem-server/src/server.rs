@@ -19,15 +19,18 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use idem_core::{BoxError, PrincipalHasher, Store};
+use idem_core::{BoxError, PrincipalHasher, RecordId, Store};
 use idem_tower::{
-    Ambiguous, AmbiguousKind, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, Problem,
+    Ambiguous, AmbiguousKind, Event, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyEvents,
+    IdempotencyLayer, Problem, StoreOp,
 };
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
+use crate::late::ExpiredFilter;
 use crate::metrics::Metrics;
 use crate::proxy::{ClientAddr, Upstream, UpstreamOptions};
 
@@ -51,6 +54,44 @@ struct Inner {
     metrics: Metrics,
     shutdown_grace: Duration,
     request_ids: RequestIds,
+    limits: Limits,
+}
+
+/// What one client connection may ask of the gateway.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    header_read_timeout: Duration,
+    max_headers: usize,
+    max_header_bytes: usize,
+    max_connections: usize,
+}
+
+/// The layer's events: counted in the metrics, and late retries told by the filter of
+/// recently expired records.
+struct GatewayEvents {
+    metrics: Metrics,
+    expired: ExpiredFilter,
+}
+
+impl IdempotencyEvents for GatewayEvents {
+    fn event(&self, route: &str, event: Event) {
+        self.metrics.event(route, event);
+    }
+
+    fn store_latency(&self, op: StoreOp, elapsed: Duration, ok: bool) {
+        self.metrics.store_latency(op, elapsed, ok);
+    }
+
+    fn acquired(&self, route: &str, id: &RecordId) {
+        if self.expired.expired_recently(id) {
+            self.metrics.late_retry(route);
+            debug!(route, record = %id, "a retry arrived after its record expired");
+        }
+    }
+
+    fn completed(&self, _route: &str, id: &RecordId, retention: Duration) {
+        self.expired.completed(id, retention);
+    }
 }
 
 impl std::fmt::Debug for App {
@@ -79,10 +120,20 @@ impl App {
             },
             metrics.clone(),
         )?;
+        let longest_retention = config
+            .routes
+            .iter()
+            .map(|route| route.policy().retention())
+            .max()
+            .unwrap_or_default();
+        let events = GatewayEvents {
+            metrics: metrics.clone(),
+            expired: ExpiredFilter::new(config.late_retry_window, longest_retention),
+        };
         let layer = IdempotencyLayer::new(store.clone(), principal_secret)
             .with_routes(config.routes.clone())
             .with_key_header(config.key_header.clone())
-            .with_events(Arc::new(metrics.clone()));
+            .with_events(Arc::new(events));
         metrics.routes(layer.routes());
         Ok(Self {
             inner: Arc::new(Inner {
@@ -92,6 +143,12 @@ impl App {
                 metrics,
                 shutdown_grace: config.shutdown_grace,
                 request_ids: RequestIds::new(),
+                limits: Limits {
+                    header_read_timeout: config.header_read_timeout,
+                    max_headers: config.max_headers,
+                    max_header_bytes: config.max_header_bytes,
+                    max_connections: config.max_connections,
+                },
             }),
         })
     }
@@ -122,9 +179,15 @@ pub async fn run(
     let local = listener.local_addr()?;
     info!(addr = %local, "gateway listening");
     let graceful = GracefulShutdown::new();
+    let limits = app.inner.limits;
     let mut http = http1::Builder::new();
+    // Slow or oversized request heads are cut off: a client trickling its headers is
+    // disconnected after the timeout, too many or too large headers get 431.
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -139,6 +202,14 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over the limit: closed at once, so the connections already open keep being
+            // served and memory stays bounded.
+            app.inner.metrics.connection_rejected();
+            debug!(%peer, "too many connections: closing a new one");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let inner = app.inner.clone();
         let service = hyper::service::service_fn(move |request| {
@@ -150,6 +221,7 @@ pub async fn run(
             if let Err(error) = connection.await {
                 debug!(%peer, %error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

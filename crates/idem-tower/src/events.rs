@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use idem_core::RecordId;
+
 /// Why a claim was released (the next request with the key executes again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -75,8 +77,11 @@ pub enum Event {
     /// The claim's lease was taken over while the inner service ran; its answer was not
     /// stored.
     LeaseLost,
-    /// A stored answer could not be decoded.
+    /// A stored answer could not be decoded, or the store reported the record corrupt
+    /// (it fails authentication, say): `500`, neither replayed nor executed.
     StoredResponseUnreadable,
+    /// The request has no principal on a route with `anonymous = reject`: `400`.
+    PrincipalMissing,
 }
 
 impl Event {
@@ -100,6 +105,7 @@ impl Event {
             Event::ResponseTooLarge => "response_too_large",
             Event::LeaseLost => "lease_lost",
             Event::StoredResponseUnreadable => "stored_response_unreadable",
+            Event::PrincipalMissing => "principal_missing",
         }
     }
 }
@@ -163,6 +169,21 @@ pub trait IdempotencyEvents: Send + Sync + 'static {
     /// A store operation finished after `elapsed`, successfully or not.
     fn store_latency(&self, op: StoreOp, elapsed: Duration, ok: bool) {
         let _ = (op, elapsed, ok);
+    }
+
+    /// A claim acquired the record `id` ([`ClaimOutcome::Acquired`]: it was absent,
+    /// released or expired), and the request is about to execute.
+    ///
+    /// [`ClaimOutcome::Acquired`]: idem_core::ClaimOutcome::Acquired
+    fn acquired(&self, route: &str, id: &RecordId) {
+        let _ = (route, id);
+    }
+
+    /// The record `id` was completed: it is replayed for `retention` from now, then
+    /// expires. With [`acquired`](Self::acquired), this tells when a retry arrives after
+    /// its record expired (a late retry).
+    fn completed(&self, route: &str, id: &RecordId, retention: Duration) {
+        let _ = (route, id, retention);
     }
 }
 

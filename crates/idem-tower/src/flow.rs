@@ -27,7 +27,9 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::events::{Event, ReleaseReason, StoreOp};
 use crate::layer::Shared;
 use crate::outcome::{Ambiguous, AmbiguousKind, ResponseClass};
-use crate::policy::{Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy};
+use crate::policy::{
+    Anonymous, Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy,
+};
 use crate::problem::{Problem, ProblemType};
 use crate::stored::{NotStored, StoredOutcome, StoredResponse};
 
@@ -171,10 +173,21 @@ where
         content_type,
         &body,
     );
-    let principal = shared
-        .principal_extractor
-        .principal(&parts, &ctx.policy)
-        .map_or(PrincipalHash::ANONYMOUS, |raw| shared.hasher.hash(&raw));
+    let principal = match shared.principal_extractor.principal(&parts, &ctx.policy) {
+        Some(raw) => shared.hasher.hash(&raw),
+        None if ctx.policy.anonymous() == Anonymous::Reject => {
+            ctx.event(Event::PrincipalMissing);
+            return Ok(problem(Problem::new(
+                ProblemType::PrincipalMissing,
+                format!(
+                    "this endpoint deduplicates requests per principal and the request has no \
+                     {} header",
+                    ctx.policy.principal_header()
+                ),
+            )));
+        }
+        None => PrincipalHash::ANONYMOUS,
+    };
     let scope_route = match ctx.policy.scope() {
         Some(scope) => std::borrow::Cow::Borrowed(scope),
         None => crate::routes::scope_name(&ctx.route, parts.uri.path()),
@@ -197,6 +210,14 @@ where
     let outcome = loop {
         let outcome = match ctx.timed(StoreOp::Claim, shared.store.claim(&claim)).await {
             Ok(outcome) => outcome,
+            // The record exists and cannot be read back (it fails authentication, say): it
+            // may hold the answer of an execution, so it is neither replayed nor executed
+            // again, whatever the route's fail mode.
+            Err(error @ StoreError::Corrupt { .. }) => {
+                ctx.event(Event::StoredResponseUnreadable);
+                error!(route = %ctx.route, record = %id, %error, "a stored record is corrupt");
+                return Ok(unreadable_record());
+            }
             Err(error) => {
                 return store_failure::<S, ReqB, ResB>(&ctx, error, inner, parts, body).await;
             }
@@ -227,6 +248,7 @@ where
 
     match outcome {
         ClaimOutcome::Acquired(lease) => {
+            shared.events.acquired(&ctx.route, &id);
             execute::<S, ReqB, ResB>(ctx, inner, parts, body, lease, false).await
         }
         ClaimOutcome::TookOver {
@@ -429,13 +451,17 @@ fn replay<B>(ctx: &Ctx, completion: &Completion) -> Response<ResponseBody<B>> {
         Err(decode_error) => {
             ctx.event(Event::StoredResponseUnreadable);
             error!(route = %ctx.route, error = %decode_error, "a stored response cannot be decoded");
-            problem(Problem::new(
-                ProblemType::StoredResponseUnreadable,
-                "the stored response for this idempotency key cannot be read; the request is not \
-                 executed again",
-            ))
+            unreadable_record()
         }
     }
+}
+
+fn unreadable_record<B>() -> Response<ResponseBody<B>> {
+    problem(Problem::new(
+        ProblemType::StoredResponseUnreadable,
+        "the stored response for this idempotency key cannot be read; the request is not \
+         executed again",
+    ))
 }
 
 /// Runs the inner service under a held claim, then stores or releases.
@@ -863,7 +889,14 @@ impl ClaimGuard {
             )
             .await;
         match completed {
-            Ok(()) => debug!(route = %self.ctx.route, record = %self.lease.id, "response stored"),
+            Ok(()) => {
+                debug!(route = %self.ctx.route, record = %self.lease.id, "response stored");
+                self.ctx.shared.events.completed(
+                    &self.ctx.route,
+                    &self.lease.id,
+                    self.ctx.policy.retention(),
+                );
+            }
             Err(error) if error.is_lease_lost() => {
                 self.ctx.event(Event::LeaseLost);
                 warn!(

@@ -63,6 +63,8 @@
 //! | key missing on an `optional` route, `ignored` route, no route matches | passed through untouched | yes, without deduplication |
 //! | request body over `max_request_body` (by `Content-Length` or while reading) | `413` `body-too-large` | no |
 //! | store error | `503` `store-unavailable` + `Retry-After`; with [`FailMode::Open`], passed through without deduplication | no (fail closed) |
+//! | the store reports the record corrupt ([`idem_core::Error::Corrupt`]: it fails authentication, say), or the stored answer does not decode | `500` `stored-response-unreadable`, whatever the fail mode | no |
+//! | keyed request without a principal on a route with [`Anonymous::Reject`] | `400` `principal-missing` | no |
 //!
 //! Errors are `application/problem+json` documents ([`Problem`]) with a stable `type` URI
 //! per [`ProblemType`].
@@ -135,7 +137,7 @@ pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::{Ambiguous, AmbiguousKind, ResponseClass};
 pub use policy::{
-    Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, PolicyError,
+    Anonymous, Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, PolicyError,
 };
 pub use problem::{PROBLEM_JSON, Problem, ProblemType};
 pub use routes::{Route, RouteError, Routes, scope_name};

@@ -71,6 +71,21 @@ pub enum OnCancel {
     RunToCompletion,
 }
 
+/// What a request without a principal (no principal header) gets on a route that
+/// deduplicates it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Anonymous {
+    /// Every request without a principal shares one anonymous scope: the same key from two
+    /// anonymous clients names one record, and the second gets the first's answer. Fit
+    /// for routes whose clients are not told apart anyway (a public endpoint).
+    #[default]
+    Shared,
+    /// `400` `principal-missing`, not forwarded: a keyed request must name its principal,
+    /// so no client can ever be replayed another's answer.
+    Reject,
+}
+
 /// How one route deduplicates requests. Every setting has a default; see each setter.
 ///
 /// ```
@@ -98,6 +113,7 @@ pub struct Policy {
     max_request_body: usize,
     max_stored_response: usize,
     principal_header: HeaderName,
+    anonymous: Anonymous,
     fail: FailMode,
     namespace: String,
     scope: Option<String>,
@@ -123,6 +139,7 @@ impl Default for Policy {
             max_request_body: MIB,
             max_stored_response: MIB,
             principal_header: http::header::AUTHORIZATION,
+            anonymous: Anonymous::default(),
             fail: FailMode::default(),
             namespace: "default".into(),
             scope: None,
@@ -222,6 +239,12 @@ impl Policy {
         self
     }
 
+    /// What a keyed request without a principal gets. Default: [`Anonymous::Shared`].
+    pub fn with_anonymous(mut self, anonymous: Anonymous) -> Self {
+        self.anonymous = anonymous;
+        self
+    }
+
     /// What happens when the store cannot be reached. Default: [`FailMode::Closed`].
     pub fn with_fail(mut self, fail: FailMode) -> Self {
         self.fail = fail;
@@ -314,6 +337,11 @@ impl Policy {
     /// See [`with_principal_header`](Self::with_principal_header).
     pub fn principal_header(&self) -> &HeaderName {
         &self.principal_header
+    }
+
+    /// See [`with_anonymous`](Self::with_anonymous).
+    pub fn anonymous(&self) -> Anonymous {
+        self.anonymous
     }
 
     /// See [`with_fail`](Self::with_fail).

@@ -18,6 +18,7 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// | [`KeyMissing`](Self::KeyMissing) | 400 | `https://idem.dev/problems/key-missing` |
 /// | [`KeyInvalid`](Self::KeyInvalid) | 400 | `https://idem.dev/problems/key-invalid` |
 /// | [`BodyUnreadable`](Self::BodyUnreadable) | 400 | `https://idem.dev/problems/body-unreadable` |
+/// | [`PrincipalMissing`](Self::PrincipalMissing) | 400 | `https://idem.dev/problems/principal-missing` |
 /// | [`InFlight`](Self::InFlight) | 409 | `https://idem.dev/problems/in-flight` |
 /// | [`BodyTooLarge`](Self::BodyTooLarge) | 413 | `https://idem.dev/problems/body-too-large` |
 /// | [`FingerprintMismatch`](Self::FingerprintMismatch) | 422 | `https://idem.dev/problems/fingerprint-mismatch` |
@@ -48,6 +49,8 @@ pub enum ProblemType {
     OutcomeUnknown,
     /// The idempotency store cannot be reached.
     StoreUnavailable,
+    /// The route deduplicates per principal and rejects requests without one.
+    PrincipalMissing,
 }
 
 impl ProblemType {
@@ -64,6 +67,7 @@ impl ProblemType {
             ProblemType::StoredResponseUnreadable => "stored-response-unreadable",
             ProblemType::OutcomeUnknown => "outcome-unknown",
             ProblemType::StoreUnavailable => "store-unavailable",
+            ProblemType::PrincipalMissing => "principal-missing",
         }
     }
 
@@ -84,6 +88,7 @@ impl ProblemType {
             }
             ProblemType::OutcomeUnknown => "https://idem.dev/problems/outcome-unknown",
             ProblemType::StoreUnavailable => "https://idem.dev/problems/store-unavailable",
+            ProblemType::PrincipalMissing => "https://idem.dev/problems/principal-missing",
         }
     }
 
@@ -100,15 +105,17 @@ impl ProblemType {
             ProblemType::StoredResponseUnreadable => "Stored response unreadable",
             ProblemType::OutcomeUnknown => "Outcome unknown",
             ProblemType::StoreUnavailable => "Idempotency store unavailable",
+            ProblemType::PrincipalMissing => "Principal missing",
         }
     }
 
     /// The status the problem is answered with by default.
     pub fn status(self) -> StatusCode {
         match self {
-            ProblemType::KeyMissing | ProblemType::KeyInvalid | ProblemType::BodyUnreadable => {
-                StatusCode::BAD_REQUEST
-            }
+            ProblemType::KeyMissing
+            | ProblemType::KeyInvalid
+            | ProblemType::BodyUnreadable
+            | ProblemType::PrincipalMissing => StatusCode::BAD_REQUEST,
             ProblemType::InFlight => StatusCode::CONFLICT,
             ProblemType::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemType::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -277,6 +284,7 @@ mod tests {
             StoredResponseUnreadable,
             OutcomeUnknown,
             StoreUnavailable,
+            PrincipalMissing,
         ] {
             assert_eq!(
                 kind.uri(),
