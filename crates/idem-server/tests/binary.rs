@@ -269,19 +269,28 @@ async fn sigterm_finishes_requests_in_flight_then_exits_0() {
 }
 
 #[tokio::test]
-async fn logs_carry_a_request_id_and_never_the_key_the_principal_or_the_body() {
+async fn logs_carry_a_request_id_and_never_the_key_the_principal_the_body_or_a_secret() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
+    // Every secret the gateway holds, each distinctive enough to be found in a log line.
+    let encryption_key = "c2VjcmV0LWVuY3J5cHRpb24ta2V5LTMyLWJ5dGVzISE=";
+    let config = write(
+        dir.path(),
+        "idem.toml",
+        &format!(
+            "listen = \"127.0.0.1:0\"\n\
+             upstream = \"{}\"\n\
+             store = \"memory://\"\n\
+             principal_secret = \"principal-secret-c0ffee\"\n\
+             admin_token = \"admin-token-d00d\"\n\
+             [encryption]\n\
+             keys = {{ k1 = \"{encryption_key}\" }}\n",
+            up.url()
+        ),
+    );
     let gateway = Binary::serve(
         dir.path(),
-        &[
-            "--upstream",
-            &up.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            "memory://",
-        ],
+        &["--config", &config, "--admin-listen", "127.0.0.1:0"],
     );
     for _ in 0..2 {
         let answer = post(gateway.url("/v1/charges"))
@@ -293,6 +302,26 @@ async fn logs_carry_a_request_id_and_never_the_key_the_principal_or_the_body() {
             .await;
         assert_eq!(answer.header("x-request-id"), Some("req-42"));
     }
+    // A malformed key, a mismatching body, and an admin call with a wrong token: the
+    // error paths log too.
+    post(gateway.url("/v1/charges"))
+        .key("\"badkey-3e3e")
+        .json("{}")
+        .send()
+        .await;
+    post(gateway.url("/v1/charges"))
+        .key("key-7f3a9c")
+        .header("authorization", "Bearer principal-5e1d")
+        .json(r#"{"card": "body-other-4d4d"}"#)
+        .send()
+        .await;
+    let admin = format!("http://{}/metrics", gateway.admin.unwrap());
+    let denied = common::req("GET", admin)
+        .header("authorization", "Bearer wrong-token-abab")
+        .send()
+        .await;
+    assert_eq!(denied.status, 401);
+
     let finished = |logs: &[String]| {
         logs.iter()
             .filter(|l| l.contains("request finished") && l.contains("req-42"))
@@ -306,7 +335,18 @@ async fn logs_carry_a_request_id_and_never_the_key_the_principal_or_the_body() {
     }
     let logs = gateway.logs.lock().unwrap().clone();
     assert_eq!(finished(&logs), 2, "{logs:#?}");
-    for secret in ["key-7f3a9c", "principal-5e1d", "body-91b2"] {
+    for secret in [
+        "key-7f3a9c",
+        "principal-5e1d",
+        "body-91b2",
+        "badkey-3e3e",
+        "body-other-4d4d",
+        "principal-secret-c0ffee",
+        "admin-token-d00d",
+        "wrong-token-abab",
+        encryption_key,
+        "c2VjcmV0",
+    ] {
         assert!(
             logs.iter().all(|l| !l.contains(secret)),
             "{secret} was logged: {logs:#?}"
