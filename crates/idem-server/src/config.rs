@@ -46,6 +46,8 @@ pub const ENCRYPTION_ACTIVE_ENV: &str = "IDEM_ENCRYPTION_ACTIVE";
 pub const DEFAULT_LATE_RETRY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// How long a client has to send a request's headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may pause while sending a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most header lines a request may have.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// The largest request head (request line and headers), in bytes.
@@ -385,6 +387,7 @@ pub struct FileConfig {
     pub admin_token: Option<String>,
     pub late_retry_window: Option<Dur>,
     pub header_read_timeout: Option<Dur>,
+    pub body_read_timeout: Option<Dur>,
     pub max_headers: Option<usize>,
     pub max_header_bytes: Option<Size>,
     pub max_connections: Option<usize>,
@@ -482,6 +485,8 @@ pub struct Config {
     pub late_retry_window: Duration,
     /// How long a client has to send a request's headers.
     pub header_read_timeout: Duration,
+    /// How long a client may pause while sending a request body.
+    pub body_read_timeout: Duration,
     /// The most header lines a request may have.
     pub max_headers: usize,
     /// The largest request head, in bytes.
@@ -617,6 +622,11 @@ impl Config {
             file.header_read_timeout,
             DEFAULT_HEADER_READ_TIMEOUT,
         )?;
+        let body_read_timeout = positive(
+            "body_read_timeout",
+            file.body_read_timeout,
+            DEFAULT_BODY_READ_TIMEOUT,
+        )?;
         let late_retry_window = file
             .late_retry_window
             .map_or(DEFAULT_LATE_RETRY_WINDOW, |d| d.0);
@@ -682,6 +692,7 @@ impl Config {
             encryption,
             late_retry_window,
             header_read_timeout,
+            body_read_timeout,
             max_headers,
             max_header_bytes,
             max_connections,

@@ -56,3 +56,4 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod timeout;

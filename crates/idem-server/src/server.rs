@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::late::ExpiredFilter;
 use crate::metrics::Metrics;
 use crate::proxy::{ClientAddr, Upstream, UpstreamOptions};
+use crate::timeout::IdleTimeout;
 
 /// The body of the gateway's responses.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -61,6 +62,7 @@ struct Inner {
 #[derive(Clone, Copy, Debug)]
 struct Limits {
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
     max_headers: usize,
     max_header_bytes: usize,
     max_connections: usize,
@@ -145,6 +147,7 @@ impl App {
                 request_ids: RequestIds::new(),
                 limits: Limits {
                     header_read_timeout: config.header_read_timeout,
+                    body_read_timeout: config.body_read_timeout,
                     max_headers: config.max_headers,
                     max_header_bytes: config.max_header_bytes,
                     max_connections: config.max_connections,
@@ -236,9 +239,13 @@ pub async fn run(
 
 async fn handle(
     inner: Arc<Inner>,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<GatewayBody> {
+    // A client that stops sending its body is cut off after the body timeout: the layer
+    // answers 400 body-unreadable (or a pass-through request fails) and nothing executes.
+    let idle = inner.limits.body_read_timeout;
+    let mut request = request.map(|body| IdleTimeout::new(body, idle));
     let request_id = inner.request_ids.for_request(request.headers());
     request
         .headers_mut()

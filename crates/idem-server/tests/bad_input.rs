@@ -587,6 +587,53 @@ async fn slowloris_clients_are_cut_off_while_a_normal_client_is_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_stall_mid_body_get_400_and_nothing_executes() {
+    let up = Upstream::start().await;
+    let config = config_for(&up, &format!("body_read_timeout = \"1s\"\n{LIMITS}"));
+    let gw = Gateway::start(config, memory()).await;
+    let addr = gw.addr;
+    let stalled: Vec<_> = (0..50)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                let head = format!(
+                    "POST /v1/charges HTTP/1.1\r\nHost: gw\r\nIdempotency-Key: stall-{i}\r\nContent-Length: 100\r\n\r\n0123456789"
+                );
+                stream.write_all(head.as_bytes()).await.unwrap();
+                // ...and nothing more, with the connection kept open.
+                let mut answer = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+                        Ok(Ok(0) | Err(_)) => break,
+                        Ok(Ok(n)) => {
+                            answer.extend_from_slice(&buf[..n]);
+                            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                                break;
+                            }
+                        }
+                        Err(_) => panic!("the gateway kept waiting for a stalled body"),
+                    }
+                }
+                statuses(&answer)
+            })
+        })
+        .collect();
+    for i in 0..10 {
+        let answer = post(gw.url("/v1/charges"))
+            .key(&format!("steady-{i}"))
+            .json("{}")
+            .send()
+            .await;
+        assert_eq!(answer.status, 201);
+    }
+    for task in stalled {
+        assert_eq!(task.await.unwrap(), [400]);
+    }
+    assert_eq!(up.calls(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_that_vanish_mid_body_execute_nothing_and_others_are_served() {
     let up = Upstream::start().await;
     let gw = Gateway::start(config_for(&up, LIMITS), memory()).await;
