@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let text = key.as_str();
-    assert!(!text.is_empty() && text.len() <= MAX_KEY_LEN, "{} chars", text.len());
+    assert!(
+        !text.is_empty() && text.len() <= MAX_KEY_LEN,
+        "{} chars",
+        text.len()
+    );
     assert!(text.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     // The quoted form names the same key.
     let quoted = key.to_sf_string();
