@@ -48,8 +48,10 @@ impl fmt::Debug for Fingerprint {
 /// canonicalised first: object keys sorted, insignificant whitespace dropped, string
 /// escapes normalised, excluded fields removed. Numbers keep their literal text, so
 /// `10` and `10.0` differ (a conservative choice: it can only cause a mismatch, never a
-/// wrong replay). A body that does not parse as JSON, or nests deeper than the parser's
-/// limit of 128 levels, is hashed as raw bytes.
+/// wrong replay). A body that does not parse as JSON, nests deeper than the parser's
+/// limit of 128 levels, repeats a key within an object, or spells serde_json's private
+/// number token (`{"$serde_json::private::Number":"1"}`, which would read as a number), is
+/// hashed as raw bytes.
 ///
 /// ```
 /// use idem_core::Fingerprinter;
@@ -109,9 +111,20 @@ impl Fingerprinter {
         Fingerprint(h.finalize().into())
     }
 
-    /// The canonical form of a JSON body, or `None` when it is not valid JSON.
+    /// The canonical form of a JSON body, or `None` when it is not valid JSON, or when its
+    /// parsed form lost object members (see below).
     pub fn canonical_json(&self, body: &[u8]) -> Option<Vec<u8>> {
         let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        // Parsing must keep every object member. It does not for a key given twice (the
+        // last one wins, so `{"amount":100,"amount":1}` would read as `{"amount":1}`, while
+        // a first-wins upstream sees 100), nor, with serde_json's `arbitrary_precision`,
+        // for an object spelling its private number token
+        // (`{"$serde_json::private::Number":"2"}` reads as the number 2). Either way two
+        // different bodies would share a canonical form and a changed request would be
+        // replayed instead of answered 422: such a body is hashed as raw bytes instead.
+        if members(&value) != raw_members(body) {
+            return None;
+        }
         for path in &self.excluded {
             remove_path(&mut value, path);
         }
@@ -119,6 +132,35 @@ impl Fingerprinter {
         // compact writer emits no whitespace, so this is a canonical form.
         serde_json::to_vec(&value).ok()
     }
+}
+
+/// How many object members a parsed value holds.
+fn members(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Object(map) => map.len() + map.values().map(members).sum::<usize>(),
+        serde_json::Value::Array(items) => items.iter().map(members).sum(),
+        _ => 0,
+    }
+}
+
+/// How many object members a JSON text spells: its colons outside strings.
+fn raw_members(json: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (0, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b':' {
+            count += 1;
+        }
+    }
+    count
 }
 
 fn part(h: &mut Sha256, bytes: &[u8]) {
@@ -208,6 +250,45 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let a = f.fingerprint("POST", "/", JSON, deep.as_bytes());
         assert_eq!(a, f.fingerprint("POST", "/", JSON, deep.as_bytes()));
+    }
+
+    #[test]
+    fn objects_that_parse_to_fewer_members_are_hashed_as_bytes() {
+        // With arbitrary_precision these objects once canonicalised as numbers.
+        let f = Fingerprinter::new();
+        for (object, number) in [
+            (
+                &br#"{"a":{"$serde_json::private::Number":"2"}}"#[..],
+                &br#"{"a":2}"#[..],
+            ),
+            (br#"{"$serde_json::private::Number":"1"}"#, b"1"),
+            (br#"{"\u0024serde_json::private::Number":"1"}"#, b"1"),
+            (br#"{"$serde_json::private::\u004eumber":"1"}"#, b"1"),
+        ] {
+            assert_ne!(
+                f.fingerprint("POST", "/", JSON, object),
+                f.fingerprint("POST", "/", JSON, number),
+                "{}",
+                String::from_utf8_lossy(object)
+            );
+            assert_eq!(f.canonical_json(object), None);
+        }
+        // A key given twice is not the same as its last value.
+        let twice = br#"{"amount":100,"amount":1}"#;
+        assert_eq!(f.canonical_json(twice), None);
+        assert_ne!(
+            f.fingerprint("POST", "/", JSON, twice),
+            f.fingerprint("POST", "/", JSON, br#"{"amount":1}"#)
+        );
+        // Colons inside strings are not members; escapes still canonicalise.
+        assert_eq!(
+            f.canonical_json(br#"{ "url" : "http://x:1/\"a:b\"" }"#),
+            Some(br#"{"url":"http://x:1/\"a:b\""}"#.to_vec())
+        );
+        assert_eq!(
+            f.canonical_json(br#"{"k":"\u00e9\u4e2d"}"#),
+            Some("{\"k\":\"\u{e9}\u{4e2d}\"}".as_bytes().to_vec())
+        );
     }
 
     #[test]
