@@ -150,6 +150,15 @@ fn problem(
 }
 
 fn store_error(error: &idem_core::Error) -> Response {
+    if let idem_core::Error::Corrupt { .. } = error {
+        tracing::error!(%error, "admin: a stored record is corrupt");
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "corrupt-record",
+            "Corrupt record",
+            error.to_string(),
+        );
+    }
     warn!(%error, "admin: store operation failed");
     problem(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -166,6 +166,17 @@ fn completed_raw(record: &idem_core::Record) -> Bytes {
     }
 }
 
+/// The id of a completed record of the inner store.
+async fn records_id(inner: &Arc<dyn Store>) -> String {
+    let records = inner
+        .inspector()
+        .unwrap()
+        .list(&ListFilter::default())
+        .await
+        .unwrap();
+    records[0].id.to_hex()
+}
+
 const ENCRYPTED_ROUTES: &str = r#"
 store = "memory://"
 
@@ -242,6 +253,18 @@ async fn responses_are_sealed_at_rest_and_a_tampered_record_is_never_replayed_no
             "{path}: never executed again, even failing open"
         );
         assert_eq!(send().await.status, 500);
+        // The admin API reports such a record as corrupt, without its bytes.
+        let listed = req(
+            "GET",
+            gw.admin_url(&format!(
+                "/admin/records/{}?body=true",
+                records_id(&inner).await
+            )),
+        )
+        .send()
+        .await;
+        assert_eq!(listed.status, 500);
+        assert_eq!(listed.problem(), "admin/corrupt-record");
     }
     let metrics = req("GET", gw.admin_url("/metrics")).send().await;
     let text = String::from_utf8_lossy(&metrics.body);
