@@ -51,7 +51,9 @@ pub enum OpenError {
 
 /// Seals `plain` for the record `id` with the keyring's active key.
 pub fn seal(keyring: &Keyring, id: &RecordId, plain: &[u8]) -> Result<Bytes, OpenError> {
-    let (key_id, cipher) = keyring.active();
+    let (key_id, cipher) = keyring.active().ok_or_else(|| OpenError::UnknownKey {
+        id: keyring.active_id().as_str().to_string(),
+    })?;
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| OpenError::Random(e.to_string()))?;
     let key_id = key_id.as_str().as_bytes();

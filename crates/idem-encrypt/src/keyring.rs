@@ -186,10 +186,11 @@ impl Keyring {
         self.keys.is_empty()
     }
 
-    pub(crate) fn active(&self) -> (&KeyId, &XChaCha20Poly1305) {
-        // The active id is always in the map (checked by every constructor).
-        let cipher = &self.keys[&self.active];
-        (&self.active, cipher)
+    /// The active key; always present (every constructor checks it), `None` otherwise.
+    pub(crate) fn active(&self) -> Option<(&KeyId, &XChaCha20Poly1305)> {
+        self.keys
+            .get(&self.active)
+            .map(|cipher| (&self.active, cipher))
     }
 
     pub(crate) fn get(&self, id: &[u8]) -> Option<&XChaCha20Poly1305> {
