@@ -3,8 +3,10 @@
 //! Every transition is one statement and one round trip: a claim is an
 //! `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE` that takes an absent, released or
 //! expired record, or takes over a lease that passed, bumping the fencing token; complete,
-//! release and renew are `UPDATE`s conditional on the token. Every time comes from the
-//! server's clock (`clock_timestamp()`), never from a gateway's, so clock skew between
+//! release and renew are `UPDATE`s conditional on the token. Statements are prepared once
+//! per connection; a single claim binds scalars rather than one-element arrays, so the
+//! server keeps one plan for it instead of planning it at every run. Every time comes from
+//! the server's clock (`clock_timestamp()`), never from a gateway's, so clock skew between
 //! replicas cannot make two of them both believe they hold a record. Waiters in every
 //! replica are woken by `LISTEN/NOTIFY` when a record settles.
 //!
@@ -185,6 +187,19 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// `sql` prepared on `client`, once per connection: the server parses and plans it once,
+    /// and each run is then one round trip (an unprepared query is two: parse, then run).
+    async fn prepared(
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        what: &str,
+    ) -> Result<tokio_postgres::Statement, Error> {
+        client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_error(&format!("prepare {what}"), e))
+    }
+
     /// Claims distinct ids in one statement. `None` for an id whose row changed under the
     /// statement's snapshot (a concurrent writer won a race): the caller claims it again.
     async fn claim_round(
@@ -201,17 +216,36 @@ impl PostgresStore {
         let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
         let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&self.queries.claim)
-            .await
-            .map_err(|e| pg_error("prepare claim", e))?;
-        let rows = match client
-            .query(
-                &statement,
-                &[&ids, &fingerprints, &leases, &retentions, &holders],
-            )
-            .await
-        {
+        // One claim binds scalars (claim_one.sql says why), a batch binds arrays.
+        let one = requests.len() == 1;
+        let sql = if one {
+            &self.queries.claim_one
+        } else {
+            &self.queries.claim
+        };
+        let statement = Self::prepared(&client, sql, "claim").await?;
+        let result = if one {
+            client
+                .query(
+                    &statement,
+                    &[
+                        &ids[0],
+                        &fingerprints[0],
+                        &leases[0],
+                        &retentions[0],
+                        &holders[0],
+                    ],
+                )
+                .await
+        } else {
+            client
+                .query(
+                    &statement,
+                    &[&ids, &fingerprints, &leases, &retentions, &holders],
+                )
+                .await
+        };
+        let rows = match result {
             Ok(rows) => rows,
             Err(e) if retryable(&e) => return Ok(vec![None; requests.len()]),
             Err(e) if outcome_unknown(&e) => {
@@ -286,14 +320,17 @@ impl PostgresStore {
         response: Option<Bytes>,
     ) -> Result<(), Error> {
         let client = self.client().await?;
+        let statement = Self::prepared(&client, sql, what).await?;
         let token_i64 = row::token_param(token)?;
         let id_bytes = &id.as_bytes()[..];
         let row = match &response {
             Some(body) => {
                 let body: &[u8] = body;
-                client.query_one(sql, &[&id_bytes, &token_i64, &body]).await
+                client
+                    .query_one(&statement, &[&id_bytes, &token_i64, &body])
+                    .await
             }
-            None => client.query_one(sql, &[&id_bytes, &token_i64]).await,
+            None => client.query_one(&statement, &[&id_bytes, &token_i64]).await,
         }
         .map_err(|e| pg_error(what, e))?;
         let changed: i64 = row.try_get("changed").map_err(row::decode_error)?;
@@ -436,9 +473,10 @@ impl Store for PostgresStore {
             });
         }
         let client = self.client().await?;
+        let statement = Self::prepared(&client, &self.queries.renew, "renew").await?;
         let row = client
             .query_one(
-                &self.queries.renew,
+                &statement,
                 &[
                     &&id.as_bytes()[..],
                     &row::token_param(token)?,
@@ -461,8 +499,9 @@ impl Store for PostgresStore {
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
         let client = self.client().await?;
+        let statement = Self::prepared(&client, &self.queries.get, "get").await?;
         let row = client
-            .query_opt(&self.queries.get, &[&&id.as_bytes()[..]])
+            .query_opt(&statement, &[&&id.as_bytes()[..]])
             .await
             .map_err(|e| pg_error("get", e))?;
         row.map(|r| row::record(&r).map(|(record, _)| record))
@@ -521,8 +560,9 @@ impl Store for PostgresStore {
 
     async fn now(&self) -> Result<Timestamp, Error> {
         let client = self.client().await?;
+        let statement = Self::prepared(&client, &self.queries.now, "now").await?;
         let row = client
-            .query_one(&self.queries.now, &[])
+            .query_one(&statement, &[])
             .await
             .map_err(|e| pg_error("now", e))?;
         row::timestamp(row.try_get("now").map_err(row::decode_error)?)

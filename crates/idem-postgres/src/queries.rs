@@ -13,7 +13,10 @@ pub(crate) struct Queries {
     /// The NOTIFY channel of this table.
     pub(crate) channel: String,
     pub(crate) migrations: Vec<(i32, &'static str, String)>,
+    /// Claims a batch of distinct ids (arrays).
     pub(crate) claim: String,
+    /// Claims one id (scalars; `claim_one.sql` says why).
+    pub(crate) claim_one: String,
     pub(crate) claim_by_holder: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -71,6 +74,7 @@ impl Queries {
                 .map(|(version, name, sql)| (*version, *name, fill(sql)))
                 .collect(),
             claim: fill(include_str!("../queries/claim.sql")),
+            claim_one: fill(include_str!("../queries/claim_one.sql")),
             claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
             complete: fill(include_str!("../queries/complete.sql")),
             release: fill(include_str!("../queries/release.sql")),
@@ -106,11 +110,26 @@ mod tests {
         }
     }
 
+    /// The text from `ON CONFLICT` to the end of `RETURNING`'s column list.
+    fn conflict_clause(sql: &str) -> &str {
+        let start = sql.find("ON CONFLICT (id)").unwrap();
+        let end = start + sql[start..].find("\n)").unwrap();
+        &sql[start..end]
+    }
+
+    #[test]
+    fn single_and_batch_claims_resolve_conflicts_alike() {
+        let q = Queries::new("s", "t").unwrap();
+        assert_eq!(conflict_clause(&q.claim), conflict_clause(&q.claim_one));
+        assert!(conflict_clause(&q.claim).contains("RETURNING"));
+    }
+
     #[test]
     fn every_placeholder_is_filled() {
         let q = Queries::new("s", "t").unwrap();
         for sql in [
             &q.claim,
+            &q.claim_one,
             &q.complete,
             &q.release,
             &q.renew,
