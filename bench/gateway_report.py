@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Turns a bench/gateway run into Markdown tables.
+
+    python3 bench/gateway_report.py target/bench-gateway/<time>             # prints them
+    python3 bench/gateway_report.py target/bench-gateway/<time> --doc FILE  # replaces the
+        block between the bench/gateway markers in FILE (appends it when they are missing)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+BEGIN = "<!-- bench/gateway: begin (written by bench/gateway; edits inside are overwritten) -->"
+END = "<!-- bench/gateway: end -->"
+
+ROWS = {
+    "upstream": "upstream, served directly",
+    "nginx": "nginx, `proxy_pass` with keep-alive",
+    "memory": "idem, memory store",
+    "sqlite": "idem, embedded store (SQLite)",
+    "postgres": "idem, PostgreSQL store",
+    "redis": "idem, Redis store",
+    "ipx": "idempotent-proxy-server, Redis",
+}
+WORKLOADS = {
+    "fresh": "Fresh keys: every request executes",
+    "replay": "Replays: every request repeats a completed key",
+    "mix": "Mix: 80 % fresh keys, 20 % retries of recent keys",
+}
+
+
+def ms(us):
+    return f"{us / 1000:.2f} ms"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if b else "–"
+
+
+def report(out: Path) -> str:
+    machine = json.loads((out / "machine.json").read_text())
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
+    by = {(r["row"], r["workload"]): r for r in results}
+    lines = []
+    m = machine
+    lines.append(
+        f"Run of {m['date']}: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux "
+        f"{m['kernel']}. Load generator pinned to core(s) {m['load_cpus']}, every server (the "
+        f"upstream, the proxy, PostgreSQL, Redis) to core(s) {m['server_cpus']}. Load average "
+        f"(1, 5, 15 min) {m['load_before']} before the run, {m['load_after']} after. A 4 KiB "
+        f"write and its `fdatasync` where the embedded store's file lives: p50 "
+        f"{m['fsync_ms'][0]} ms, p99 {m['fsync_ms'][1]} ms."
+    )
+    lines.append("")
+    lines.append(
+        f"wrk {m['wrk']}, {m['wrk_threads']} thread(s), {m['connections']} connections, "
+        f"{m['warmup']} warm-up then {m['duration']} per row and workload; upstream delay "
+        f"{m['upstream_delay_ms']} ms. nginx {m['nginx']}, Redis {m['redis']} (no persistence), "
+        f"PostgreSQL {m['postgres']} (fsync {m['postgres_fsync']}), idempotent-proxy-server "
+        f"{m['ipx']}. Command:"
+    )
+    lines.append("")
+    lines.append("```sh")
+    lines.append(m["command"])
+    lines.append("```")
+    workloads = [w for w in WORKLOADS if any(k[1] == w for k in by)]
+    for workload in workloads:
+        nginx = by.get(("nginx", workload))
+        lines.append("")
+        lines.append(f"**{WORKLOADS[workload]}**")
+        lines.append("")
+        lines.append(
+            "| row | requests/s | ÷ nginx | p50 | p99 | p99.9 | upstream calls per request "
+            "| errors | load generator CPU |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row, label in ROWS.items():
+            r = by.get((row, workload))
+            if r is None:
+                continue
+            errors = int(r["errors"] + r["non2xx"])
+            calls = r["upstream_calls"] / r["requests"] if r["requests"] else 0
+            lines.append(
+                f"| {label} | {r['rps']:,.0f} | {ratio(r['rps'], nginx['rps']) if nginx else '–'} "
+                f"| {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['p999_us'])} "
+                f"| {calls:.2f} | {errors} | {r['load_cpu'] * 100:.0f} % |"
+            )
+    lines.append("")
+    lines.append("**Against the targets**")
+    lines.append("")
+    lines.append("| target | measured | |")
+    lines.append("|---|---|---|")
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    sqlite, nginx = by.get(("sqlite", "fresh")), by.get(("nginx", "fresh"))
+    if sqlite and nginx:
+        r = sqlite["rps"] / nginx["rps"]
+        lines.append(
+            f"| fresh keys, embedded store: ≥ 0.8× nginx's requests/s | {r:.2f}× | {verdict(r >= 0.8)} |"
+        )
+        bound = nginx["p99_us"] + 1000
+        lines.append(
+            f"| fresh keys, embedded store: p99 ≤ nginx's p99 + 1 ms | {ms(sqlite['p99_us'])} "
+            f"against {ms(bound)} | {verdict(sqlite['p99_us'] <= bound)} |"
+        )
+    upstream = by.get(("upstream", "replay"))
+    if upstream:
+        for row in ["sqlite", "memory", "postgres", "redis"]:
+            r = by.get((row, "replay"))
+            if r:
+                x = r["rps"] / upstream["rps"]
+                lines.append(
+                    f"| replays, {ROWS[row].removeprefix('idem, ')}: ≥ 1.0× the upstream served "
+                    f"directly | {x:.2f}× | {verdict(x >= 1.0)} |"
+                )
+    redis, ipx = by.get(("redis", "fresh")), by.get(("ipx", "fresh"))
+    if redis and ipx:
+        x = redis["rps"] / ipx["rps"]
+        lines.append(
+            f"| fresh keys, Redis store: ≥ 3× idempotent-proxy-server's requests/s | {x:.2f}× "
+            f"| {verdict(x >= 3.0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    out = Path(sys.argv[1])
+    text = report(out)
+    if "--doc" not in sys.argv:
+        sys.stdout.write(text)
+        return
+    doc = Path(sys.argv[sys.argv.index("--doc") + 1])
+    current = doc.read_text()
+    block = f"{BEGIN}\n\n{text}\n{END}"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        updated = head + block + tail
+    else:
+        updated = current.rstrip("\n") + "\n\n## Gateway: requests/s and latency\n\n" + block + "\n"
+    doc.write_text(updated)
+
+
+if __name__ == "__main__":
+    main()
