@@ -265,15 +265,14 @@ async fn handle(
             Err(error) => upstream_failure(&error),
         };
         response.headers_mut().insert(X_REQUEST_ID, request_id);
-        let replayed = response
-            .headers()
-            .get(IDEMPOTENT_REPLAYED)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
+        // Field values are evaluated only when the line is logged.
         info!(
             status = response.status().as_u16(),
-            replayed,
+            replayed = response
+                .headers()
+                .get(IDEMPOTENT_REPLAYED)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
             "request finished"
         );

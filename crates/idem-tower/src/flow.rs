@@ -677,7 +677,7 @@ where
     }
     let (parts, body) = response.into_parts();
     let mut body = Box::pin(body);
-    let mut data = BytesMut::new();
+    let mut data = Collected::default();
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -685,7 +685,7 @@ where
         };
         match frame.into_data() {
             Ok(chunk) => {
-                data.extend_from_slice(&chunk);
+                data.push(chunk);
                 if data.len() > limit {
                     return Finished::TooLarge {
                         parts,
@@ -705,6 +705,50 @@ where
         parts,
         data: data.freeze(),
         trailers,
+    }
+}
+
+/// A response body read in full: the one chunk as it came (most bodies arrive in one),
+/// copied into one buffer only when a second chunk follows.
+#[derive(Default)]
+enum Collected {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Collected {
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::take(self) {
+            Collected::Empty => Collected::One(chunk),
+            Collected::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&chunk);
+                Collected::Many(all)
+            }
+            Collected::Many(mut all) => {
+                all.extend_from_slice(&chunk);
+                Collected::Many(all)
+            }
+        };
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Collected::Empty => 0,
+            Collected::One(one) => one.len(),
+            Collected::Many(all) => all.len(),
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Collected::Empty => Bytes::new(),
+            Collected::One(one) => one,
+            Collected::Many(all) => all.freeze(),
+        }
     }
 }
 

@@ -127,13 +127,8 @@ impl StoredOutcome {
     /// A header whose value is longer than `u32::MAX` bytes cannot be represented and is
     /// left out (HTTP implementations cap header sizes far below that).
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::new();
-        out.put_slice(MAGIC);
-        out.put_u8(FORMAT_VERSION);
         match self {
             StoredOutcome::Response(response) => {
-                out.put_u8(KIND_RESPONSE);
-                out.put_u16(response.status.as_u16());
                 let headers: Vec<(&HeaderName, &HeaderValue, u16, u32)> = response
                     .headers
                     .iter()
@@ -143,6 +138,25 @@ impl StoredOutcome {
                         Some((name, value, name_len, value_len))
                     })
                     .collect();
+                // The exact size, so that the buffer is allocated once.
+                let size = MAGIC.len()
+                    + 1
+                    + 1
+                    + 2
+                    + 4
+                    + 8
+                    + response.body.len()
+                    + headers
+                        .iter()
+                        .map(|(_, _, name_len, value_len)| {
+                            2 + usize::from(*name_len) + 4 + *value_len as usize
+                        })
+                        .sum::<usize>();
+                let mut out = BytesMut::with_capacity(size);
+                out.put_slice(MAGIC);
+                out.put_u8(FORMAT_VERSION);
+                out.put_u8(KIND_RESPONSE);
+                out.put_u16(response.status.as_u16());
                 // A HeaderMap holds far fewer than u32::MAX entries.
                 out.put_u32(u32::try_from(headers.len()).unwrap_or(u32::MAX));
                 for (name, value, name_len, value_len) in headers {
@@ -153,14 +167,19 @@ impl StoredOutcome {
                 }
                 out.put_u64(response.body.len() as u64);
                 out.put_slice(&response.body);
+                debug_assert_eq!(out.len(), size);
+                out.freeze()
             }
             StoredOutcome::NotStored(marker) => {
+                let mut out = BytesMut::with_capacity(MAGIC.len() + 1 + 1 + 2 + 8);
+                out.put_slice(MAGIC);
+                out.put_u8(FORMAT_VERSION);
                 out.put_u8(KIND_NOT_STORED);
                 out.put_u16(marker.status.as_u16());
                 out.put_u64(marker.limit);
+                out.freeze()
             }
         }
-        out.freeze()
     }
 
     /// Decodes stored bytes. Any malformed input is a [`DecodeError`].
