@@ -18,6 +18,7 @@ ROWS = {
     "nginx": "nginx, `proxy_pass` with keep-alive",
     "memory": "idem, memory store",
     "sqlite": "idem, embedded store (SQLite)",
+    "sqlite-tmpfs": "idem, embedded store on tmpfs (no disk flush)",
     "postgres": "idem, PostgreSQL store",
     "redis": "idem, Redis store",
     "ipx": "idempotent-proxy-server, Redis",
