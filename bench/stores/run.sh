@@ -25,9 +25,10 @@
 # `EVALSHA` of `claim.lua`), on fresh ids. Store ÷ that is the client's share (driver,
 # runtime, pool); that ÷ raw is the statement's or script's share on the server.
 #
-# Each (engine, concurrency) pair is measured R times (default 3), the raw engine and the
-# store alternating, each time on emptied tables (PostgreSQL: TRUNCATE and CHECKPOINT) or an
-# emptied keyspace (FLUSHALL). The table printed on stdout has the medians and their ratio;
+# Each (engine, concurrency) pair is measured in R rounds (default 3) of back-to-back runs
+# (raw engine, raw engine running idem's claim, store), each on emptied tables (PostgreSQL:
+# TRUNCATE and CHECKPOINT) or an emptied keyspace (FLUSHALL). The table printed on stdout
+# has the median rates, and for each ratio the median and range of the rounds' ratios;
 # every single measurement goes to stderr. The machine is shared: compare the ratios, which
 # are measured side by side, not absolute numbers across runs.
 #
@@ -69,18 +70,28 @@ cargo build --release -q -p idem-redis --example redis_claims
 pg_claims=${POSTGRES_CLAIMS:-target/release/examples/postgres_claims}
 redis_claims=${REDIS_CLAIMS:-target/release/examples/redis_claims}
 
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-
-# One result row: engine, concurrency, store samples, raw samples, samples of the raw
-# engine running idem's claim.
+# One result row: engine, concurrency, then the store's, the raw engine's and the raw
+# engine-running-idem's-claim samples, in round order. Rates are medians; ratios are the
+# median (and range) of each round's ratio, as each round's measurements ran back to back
+# while the machine's load drifts between rounds.
 rows=()
 row() {
-  local engine=$1 c=$2 store=$3 raw=$4 claim=$5 ms mr mc
-  ms=$(printf '%s\n' $store | median)
-  mr=$(printf '%s\n' $raw | median)
-  mc=$(printf '%s\n' $claim | median)
-  rows+=("$(awk -v e="$engine" -v c="$c" -v s="$ms" -v r="$mr" -v k="$mc" \
-    'BEGIN { printf "| %s | %d | %.0f | %.0f | **%.2f×** | %.0f | %.2f× | %.2f× |", e, c, s, r, s / r, k, s / k, k / r }')")
+  rows+=("$(awk -v e="$1" -v c="$2" -v S="$3" -v R="$4" -v K="$5" '
+    function median(a, n,   i, j, t) {
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function ratios(x, y, n, out,   i, lo, hi) {
+      lo = hi = x[1] / y[1]
+      for (i = 1; i <= n; i++) { out[i] = x[i] / y[i]; if (out[i] < lo) lo = out[i]; if (out[i] > hi) hi = out[i] }
+      return sprintf("%.2f× (%.2f–%.2f)", median(out, n), lo, hi)
+    }
+    BEGIN {
+      n = split(S, s, " "); split(R, r, " "); split(K, k, " ")
+      rs = ratios(s, r, n, q1); ks = ratios(s, k, n, q2); kr = ratios(k, r, n, q3)
+      for (i = 1; i <= n; i++) { s2[i] = s[i]; r2[i] = r[i]; k2[i] = k[i] }
+      printf "| %s | %d | %.0f | %.0f | **%s** | %.0f | %s | %s |", e, c, median(s2, n), median(r2, n), rs, median(k2, n), ks, kr
+    }')")
 }
 
 store_rate() { awk '/^claims\/s/ { print $2 }'; }
@@ -216,7 +227,7 @@ fi
 if [[ " $engines " == *" redis "* || " $engines " == *" cluster "* ]]; then
   echo "Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/') with ${appendfsync:+appendonly yes, appendfsync $appendfsync}${appendfsync:-no persistence};"
 fi
-echo "median of $rounds runs of ${seconds}s each per cell."
+echo "$rounds rounds of ${seconds}s measurements; rates are medians, ratios the median (and range) of the rounds' ratios."
 echo
 echo "| engine | concurrency | idem store claims/s | raw engine, equivalent write /s | store ÷ raw | raw engine running idem's claim /s | store ÷ that (client) | that ÷ raw (server) |"
 echo "|---|---|---|---|---|---|---|---|"
