@@ -225,7 +225,9 @@ if [[ " $engines " == *" postgres "* ]]; then
   echo "$(psql --version | head -n 1 | sed 's/^psql (PostgreSQL)/PostgreSQL/') with fsync on;"
 fi
 if [[ " $engines " == *" redis "* || " $engines " == *" cluster "* ]]; then
-  echo "Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/') with ${appendfsync:+appendonly yes, appendfsync $appendfsync}${appendfsync:-no persistence};"
+  persistence="no persistence"
+  [ -z "$appendfsync" ] || persistence="appendonly yes, appendfsync $appendfsync"
+  echo "Redis $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/') with $persistence;"
 fi
 echo "$rounds rounds of ${seconds}s measurements; rates are medians, ratios the median (and range) of the rounds' ratios."
 echo
