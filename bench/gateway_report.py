@@ -38,6 +38,18 @@ def ratio(a, b):
     return f"{a / b:.2f}×" if b else "–"
 
 
+def cpu(row, r):
+    """The servers' CPU time per request, in microseconds."""
+    if "proxy_cpu_us" not in r:
+        return "–"
+    if row == "upstream":
+        return f"{r['upstream_cpu_us']:.0f} µs (upstream)"
+    parts = [r["proxy_cpu_us"], r["upstream_cpu_us"]]
+    if row in ("postgres", "redis", "ipx"):
+        parts.append(r["store_cpu_us"])
+    return " + ".join(f"{p:.0f}" for p in parts) + " µs"
+
+
 def report(out: Path) -> str:
     machine = json.loads((out / "machine.json").read_text())
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
@@ -72,9 +84,9 @@ def report(out: Path) -> str:
         lines.append("")
         lines.append(
             "| row | requests/s | ÷ nginx | p50 | p99 | p99.9 | upstream calls per request "
-            "| errors | load generator CPU |"
+            "| errors | server CPU per request: proxy + upstream + store | load generator CPU |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for row, label in ROWS.items():
             r = by.get((row, workload))
             if r is None:
@@ -84,27 +96,48 @@ def report(out: Path) -> str:
             lines.append(
                 f"| {label} | {r['rps']:,.0f} | {ratio(r['rps'], nginx['rps']) if nginx else '–'} "
                 f"| {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['p999_us'])} "
-                f"| {calls:.2f} | {errors} | {r['load_cpu'] * 100:.0f} % |"
+                f"| {calls:.2f} | {errors} | {cpu(row, r)} | {r['load_cpu'] * 100:.0f} % |"
             )
     lines.append("")
     lines.append("**Against the targets**")
     lines.append("")
-    lines.append("| target | measured | |")
-    lines.append("|---|---|---|")
+    lines.append(
+        "Measured: the ratio of requests/s in this run. From CPU: the same ratio computed from "
+        "the servers' CPU time per request (the requests/s one fully busy server core would "
+        "give), which other jobs on the machine disturb far less."
+    )
+    lines.append("")
+    lines.append("| target | measured | from CPU | |")
+    lines.append("|---|---|---|---|")
 
-    def verdict(ok):
-        return "met" if ok else "**missed**"
+    def verdict(ok, by_cpu=None):
+        if by_cpu is None or by_cpu == ok:
+            return "met" if ok else "**missed**"
+        return "met in this run, **missed** by CPU" if ok else "**missed** in this run, met by CPU"
+
+    def core_rate(r):
+        total = r.get("proxy_cpu_us", 0) + r.get("upstream_cpu_us", 0) + r.get("store_cpu_us", 0)
+        if r["row"] == "upstream":
+            total = r.get("upstream_cpu_us", 0)
+        return 1e6 / total if total else 0
+
+    def cpu_ratio(a, b):
+        return f"{core_rate(a) / core_rate(b):.2f}×" if core_rate(a) and core_rate(b) else "–"
+
+    def cpu_ok(a, b, target):
+        return core_rate(a) / core_rate(b) >= target if core_rate(a) and core_rate(b) else None
 
     sqlite, nginx = by.get(("sqlite", "fresh")), by.get(("nginx", "fresh"))
     if sqlite and nginx:
         r = sqlite["rps"] / nginx["rps"]
         lines.append(
-            f"| fresh keys, embedded store: ≥ 0.8× nginx's requests/s | {r:.2f}× | {verdict(r >= 0.8)} |"
+            f"| fresh keys, embedded store: ≥ 0.8× nginx's requests/s | {r:.2f}× "
+            f"| {cpu_ratio(sqlite, nginx)} | {verdict(r >= 0.8, cpu_ok(sqlite, nginx, 0.8))} |"
         )
         bound = nginx["p99_us"] + 1000
         lines.append(
             f"| fresh keys, embedded store: p99 ≤ nginx's p99 + 1 ms | {ms(sqlite['p99_us'])} "
-            f"against {ms(bound)} | {verdict(sqlite['p99_us'] <= bound)} |"
+            f"against {ms(bound)} | – | {verdict(sqlite['p99_us'] <= bound)} |"
         )
     upstream = by.get(("upstream", "replay"))
     if upstream:
@@ -114,14 +147,15 @@ def report(out: Path) -> str:
                 x = r["rps"] / upstream["rps"]
                 lines.append(
                     f"| replays, {ROWS[row].removeprefix('idem, ')}: ≥ 1.0× the upstream served "
-                    f"directly | {x:.2f}× | {verdict(x >= 1.0)} |"
+                    f"directly | {x:.2f}× | {cpu_ratio(r, upstream)} "
+                    f"| {verdict(x >= 1.0, cpu_ok(r, upstream, 1.0))} |"
                 )
     redis, ipx = by.get(("redis", "fresh")), by.get(("ipx", "fresh"))
     if redis and ipx:
         x = redis["rps"] / ipx["rps"]
         lines.append(
             f"| fresh keys, Redis store: ≥ 3× idempotent-proxy-server's requests/s | {x:.2f}× "
-            f"| {verdict(x >= 3.0)} |"
+            f"| {cpu_ratio(redis, ipx)} | {verdict(x >= 3.0, cpu_ok(redis, ipx, 3.0))} |"
         )
     return "\n".join(lines) + "\n"
 
