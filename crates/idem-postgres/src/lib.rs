@@ -32,6 +32,14 @@
 //! | `pool_size` | 16 | connections in the pool |
 //! | `migrate` | `true` | run pending migrations when connecting (else [`migrate`] does it) |
 //!
+//! # Claims under load
+//!
+//! A single claim runs alone while a pooled connection is free. When every connection is
+//! busy, the claims that arrive meanwhile queue and go to the server together, as one batch
+//! statement (one execution, one commit) on the next connection free; each still gets its
+//! own answer. A claim whose caller goes away while it is queued is withdrawn, never sent.
+//! [`PostgresStore::queued_claims`] tells how many wait.
+//!
 //! # Resolving lost answers
 //!
 //! When the connection fails while a claim is under way, whether the claim committed is
@@ -39,11 +47,12 @@
 //! on a fresh connection and, if the nonce is its own, returns the lease it took. It never
 //! assumes either way.
 
+mod claims;
+mod combine;
 mod migrate;
 mod queries;
 mod row;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,14 +60,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_core::notify::CompletionNotifier;
-use idem_core::record::{self, Decision};
 use idem_core::{
-    ClaimOutcome, ClaimRequest, Completion, Error, FencingToken, Inspect, Lease, ListFilter,
-    Record, RecordId, RecordState, StateKind, Store, Timestamp, WaitForCompletion, duration_millis,
+    ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Record, RecordId,
+    RecordState, StateKind, Store, Timestamp, WaitForCompletion, duration_millis,
 };
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
+use claims::Claimer;
+use combine::Combiner;
 pub use migrate::migrate;
 use queries::Queries;
 
@@ -86,13 +96,14 @@ impl Default for PostgresOptions {
     }
 }
 
-/// Claims that lose a race with a concurrent writer re-run; this bounds the re-runs.
-const MAX_CLAIM_ROUNDS: usize = 16;
-
 /// Records in a PostgreSQL table.
 pub struct PostgresStore {
     pool: Pool,
     queries: Arc<Queries>,
+    /// Runs claim statements (batches, and the rounds of ids that raced).
+    claimer: Claimer,
+    /// Single claims: alone while a connection is free, combined into batches otherwise.
+    claims: Combiner,
     notifier: Arc<CompletionNotifier>,
     listener: JoinHandle<()>,
 }
@@ -119,18 +130,18 @@ pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> Error {
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+pub(crate) fn pool_error(e: deadpool_postgres::PoolError) -> Error {
     Error::unavailable("postgres: no connection from the pool", e)
 }
 
 /// Whether a statement's failure leaves its effect unknown (the connection broke while it
 /// was under way) rather than known not to have happened.
-fn outcome_unknown(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn outcome_unknown(e: &tokio_postgres::Error) -> bool {
     e.code().is_none()
 }
 
 /// Serialization failures and deadlocks: the statement did nothing and may simply run again.
-fn retryable(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn retryable(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(
         e.code(),
@@ -138,11 +149,24 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     )
 }
 
-fn millis_i64(d: Duration) -> i64 {
+pub(crate) fn millis_i64(d: Duration) -> i64 {
     i64::try_from(duration_millis(d)).unwrap_or(i64::MAX)
 }
 
-fn nonce() -> Result<[u8; 16], Error> {
+/// `sql` prepared on `client`, once per connection: the server parses and plans it once, and
+/// each run is then one round trip (an unprepared query is two: parse, then run).
+pub(crate) async fn prepared(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    what: &str,
+) -> Result<tokio_postgres::Statement, Error> {
+    client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_error(&format!("prepare {what}"), e))
+}
+
+pub(crate) fn nonce() -> Result<[u8; 16], Error> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)
         .map_err(|e| Error::backend("no randomness for a claim nonce", e.to_string()))?;
@@ -175,7 +199,13 @@ impl PostgresStore {
         migrate::check(&pool, &queries).await?;
         let notifier = Arc::new(CompletionNotifier::new());
         let listener = listen::start(config, queries.channel.clone(), notifier.clone()).await?;
+        let claimer = Claimer {
+            pool: pool.clone(),
+            queries: queries.clone(),
+        };
         Ok(Self {
+            claims: Combiner::new(claimer.clone(), options.pool_size),
+            claimer,
             pool,
             queries,
             notifier,
@@ -187,128 +217,10 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
-    /// `sql` prepared on `client`, once per connection: the server parses and plans it once,
-    /// and each run is then one round trip (an unprepared query is two: parse, then run).
-    async fn prepared(
-        client: &deadpool_postgres::Client,
-        sql: &str,
-        what: &str,
-    ) -> Result<tokio_postgres::Statement, Error> {
-        client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| pg_error(&format!("prepare {what}"), e))
-    }
-
-    /// Claims distinct ids in one statement. `None` for an id whose row changed under the
-    /// statement's snapshot (a concurrent writer won a race): the caller claims it again.
-    async fn claim_round(
-        &self,
-        requests: &[&ClaimRequest],
-    ) -> Result<Vec<Option<ClaimOutcome>>, Error> {
-        let holder = nonce()?;
-        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
-        let fingerprints: Vec<&[u8]> = requests
-            .iter()
-            .map(|r| &r.fingerprint.as_bytes()[..])
-            .collect();
-        let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
-        let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
-        let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
-        let client = self.client().await?;
-        // One claim binds scalars (claim_one.sql says why), a batch binds arrays.
-        let one = requests.len() == 1;
-        let sql = if one {
-            &self.queries.claim_one
-        } else {
-            &self.queries.claim
-        };
-        let statement = Self::prepared(&client, sql, "claim").await?;
-        let result = if one {
-            client
-                .query(
-                    &statement,
-                    &[
-                        &ids[0],
-                        &fingerprints[0],
-                        &leases[0],
-                        &retentions[0],
-                        &holders[0],
-                    ],
-                )
-                .await
-        } else {
-            client
-                .query(
-                    &statement,
-                    &[&ids, &fingerprints, &leases, &retentions, &holders],
-                )
-                .await
-        };
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) if retryable(&e) => return Ok(vec![None; requests.len()]),
-            Err(e) if outcome_unknown(&e) => {
-                drop(client);
-                return self.resolve_lost_claims(requests, &holder, e).await;
-            }
-            Err(e) => return Err(pg_error("claim", e)),
-        };
-        let mut by_id: HashMap<RecordId, ClaimRow> = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let (record, taken_over) = row::record(row)?;
-            let claimed: bool = row.try_get("claimed").map_err(row::decode_error)?;
-            let now: i64 = row.try_get("now").map_err(row::decode_error)?;
-            let now = row::timestamp(now)?;
-            by_id.insert(
-                record.id,
-                ClaimRow {
-                    claimed,
-                    record,
-                    now,
-                    taken_over,
-                },
-            );
-        }
-        Ok(requests
-            .iter()
-            .map(|request| {
-                let row = by_id.get(&request.id)?;
-                if row.claimed {
-                    return Some(claimed_outcome(&row.record, row.taken_over));
-                }
-                existing_outcome(&row.record, request, row.now)
-            })
-            .collect())
-    }
-
-    /// After a claim statement failed with its connection: reads back which of the ids carry
-    /// this claim's nonce (those the claim took), on a fresh connection. The others are
-    /// claimed again by the caller.
-    async fn resolve_lost_claims(
-        &self,
-        requests: &[&ClaimRequest],
-        holder: &[u8; 16],
-        cause: tokio_postgres::Error,
-    ) -> Result<Vec<Option<ClaimOutcome>>, Error> {
-        let unknown = || {
-            Error::unavailable(
-                "postgres: the connection failed during a claim and its outcome could not be read back",
-                format!("{cause}"),
-            )
-        };
-        let client = self.client().await.map_err(|_| unknown())?;
-        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
-        let rows = client
-            .query(&self.queries.claim_by_holder, &[&ids, &&holder[..]])
-            .await
-            .map_err(|_| unknown())?;
-        let mut mine = HashMap::new();
-        for row in &rows {
-            let (record, taken_over) = row::record(row)?;
-            mine.insert(record.id, claimed_outcome(&record, taken_over));
-        }
-        Ok(requests.iter().map(|r| mine.remove(&r.id)).collect())
+    /// Single claims waiting for a connection, to go to the server combined into one batch
+    /// statement when one is free (every pooled connection was busy when they came).
+    pub fn queued_claims(&self) -> usize {
+        self.claims.queued()
     }
 
     async fn settle(
@@ -320,7 +232,7 @@ impl PostgresStore {
         response: Option<Bytes>,
     ) -> Result<(), Error> {
         let client = self.client().await?;
-        let statement = Self::prepared(&client, sql, what).await?;
+        let statement = prepared(&client, sql, what).await?;
         let token_i64 = row::token_param(token)?;
         let id_bytes = &id.as_bytes()[..];
         let row = match &response {
@@ -373,71 +285,11 @@ impl PostgresStore {
     }
 }
 
-/// One row of the claim statement.
-struct ClaimRow {
-    /// Whether this statement took the record.
-    claimed: bool,
-    record: Record,
-    /// The server's time of the statement.
-    now: Timestamp,
-    /// The (token, lease end) of the lease the claim took over.
-    taken_over: Option<(i64, i64)>,
-}
-
-/// The outcome for a row the claim took.
-fn claimed_outcome(record: &Record, taken_over: Option<(i64, i64)>) -> ClaimOutcome {
-    let lease_until = match record.state {
-        RecordState::InFlight { lease_until } => lease_until,
-        _ => unreachable!("a claimed row is in flight"),
-    };
-    let lease = Lease {
-        id: record.id,
-        token: record.token,
-        lease_until,
-    };
-    match taken_over {
-        Some((token, lease_until)) => ClaimOutcome::TookOver {
-            lease,
-            previous_token: FencingToken::new(token as u64),
-            previous_lease_until: Timestamp::from_millis(lease_until.max(0) as u64),
-        },
-        None => ClaimOutcome::Acquired(lease),
-    }
-}
-
-/// The outcome for a row the claim did not take; `None` if the row says it should have
-/// (the statement's snapshot was older than the row it conflicted with).
-fn existing_outcome(
-    record: &Record,
-    request: &ClaimRequest,
-    now: Timestamp,
-) -> Option<ClaimOutcome> {
-    match record::decide(Some(record), &request.fingerprint, now) {
-        Decision::Replay => match &record.state {
-            RecordState::Completed {
-                response,
-                completed_at,
-            } => Some(ClaimOutcome::Completed(Completion {
-                response: response.clone(),
-                completed_at: *completed_at,
-                expires_at: record.expires_at,
-                token: record.token,
-            })),
-            _ => None,
-        },
-        Decision::InFlight { lease_until } => Some(ClaimOutcome::InFlight { lease_until }),
-        Decision::Mismatch => Some(ClaimOutcome::Mismatch),
-        Decision::Claim { .. } | Decision::TakeOver { .. } => None,
-    }
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
-        let mut outcomes = self.claim_batch(std::slice::from_ref(request)).await?;
-        outcomes
-            .pop()
-            .ok_or_else(|| Error::backend("postgres: claim", "no outcome"))
+        request.validate()?;
+        self.claims.claim(request).await
     }
 
     async fn complete(
@@ -473,7 +325,7 @@ impl Store for PostgresStore {
             });
         }
         let client = self.client().await?;
-        let statement = Self::prepared(&client, &self.queries.renew, "renew").await?;
+        let statement = prepared(&client, &self.queries.renew, "renew").await?;
         let row = client
             .query_one(
                 &statement,
@@ -499,7 +351,7 @@ impl Store for PostgresStore {
 
     async fn get(&self, id: &RecordId) -> Result<Option<Record>, Error> {
         let client = self.client().await?;
-        let statement = Self::prepared(&client, &self.queries.get, "get").await?;
+        let statement = prepared(&client, &self.queries.get, "get").await?;
         let row = client
             .query_opt(&statement, &[&&id.as_bytes()[..]])
             .await
@@ -512,34 +364,11 @@ impl Store for PostgresStore {
         for request in requests {
             request.validate()?;
         }
-        let mut outcomes: Vec<Option<ClaimOutcome>> = vec![None; requests.len()];
-        let mut pending: Vec<usize> = (0..requests.len()).collect();
-        let mut rounds = 0;
-        while !pending.is_empty() {
-            rounds += 1;
-            if rounds > MAX_CLAIM_ROUNDS + requests.len() {
-                return Err(Error::Unavailable {
-                    message: "postgres: claims kept racing with concurrent writers".into(),
-                    source: None,
-                });
-            }
-            // One round claims the first pending occurrence of each id: an id appearing
-            // twice is claimed in a later round, and sees the earlier claim.
-            let mut seen = HashSet::new();
-            let (round, mut rest): (Vec<usize>, Vec<usize>) =
-                pending.iter().partition(|&&i| seen.insert(requests[i].id));
-            let batch: Vec<&ClaimRequest> = round.iter().map(|&i| &requests[i]).collect();
-            let results = self.claim_round(&batch).await?;
-            for (i, result) in round.into_iter().zip(results) {
-                match result {
-                    Some(outcome) => outcomes[i] = Some(outcome),
-                    None => rest.push(i),
-                }
-            }
-            rest.sort_unstable();
-            pending = rest;
-        }
-        Ok(outcomes.into_iter().flatten().collect())
+        self.claimer
+            .claim_each(requests)
+            .await
+            .into_iter()
+            .collect()
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, Error> {
@@ -560,7 +389,7 @@ impl Store for PostgresStore {
 
     async fn now(&self) -> Result<Timestamp, Error> {
         let client = self.client().await?;
-        let statement = Self::prepared(&client, &self.queries.now, "now").await?;
+        let statement = prepared(&client, &self.queries.now, "now").await?;
         let row = client
             .query_one(&statement, &[])
             .await

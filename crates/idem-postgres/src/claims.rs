@@ -1,0 +1,290 @@
+//! Claims: the claim statements, the rounds that settle ids racing with concurrent writers,
+//! and the read-back of a claim whose answer was lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use idem_core::record::{self, Decision};
+use idem_core::{ClaimOutcome, ClaimRequest, Completion, Error, Lease, Record, RecordId};
+use idem_core::{FencingToken, RecordState, Timestamp};
+
+use crate::queries::Queries;
+use crate::{millis_i64, nonce, outcome_unknown, pg_error, pool_error, prepared, retryable, row};
+
+/// Claims that lose a race with a concurrent writer re-run; this bounds the re-runs.
+const MAX_CLAIM_ROUNDS: usize = 16;
+
+/// One claim's result.
+pub(crate) type ClaimResult = Result<ClaimOutcome, Error>;
+
+/// Runs claim statements on connections from the pool. Cheap to clone: a claim batch can
+/// run in a task of its own.
+#[derive(Clone)]
+pub(crate) struct Claimer {
+    pub(crate) pool: Pool,
+    pub(crate) queries: Arc<Queries>,
+}
+
+impl Claimer {
+    /// Claims every request and answers each one on its own, in order: a record that fails
+    /// to decode fails its own claim, not its neighbours'. Requests may repeat an id: a
+    /// later occurrence is claimed in a later round and sees the earlier claim.
+    pub(crate) async fn claim_each(&self, requests: &[ClaimRequest]) -> Vec<ClaimResult> {
+        let n = requests.len();
+        let mut results: Vec<Option<ClaimResult>> = (0..n).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..n).collect();
+        // After a statement failed on the server, the claims run one at a time, so that a
+        // request that makes the statement fail fails alone.
+        let mut one_at_a_time = false;
+        let mut rounds = 0;
+        while !pending.is_empty() {
+            rounds += 1;
+            if rounds > MAX_CLAIM_ROUNDS + 2 * n {
+                for i in pending {
+                    results[i] = Some(Err(Error::Unavailable {
+                        message: "postgres: claims kept racing with concurrent writers".into(),
+                        source: None,
+                    }));
+                }
+                break;
+            }
+            // One round claims the first pending occurrence of each id.
+            let mut seen = HashSet::new();
+            let (mut round, mut rest) = (Vec::new(), Vec::new());
+            for &i in &pending {
+                if (!one_at_a_time || round.is_empty()) && seen.insert(requests[i].id) {
+                    round.push(i);
+                } else {
+                    rest.push(i);
+                }
+            }
+            let batch: Vec<&ClaimRequest> = round.iter().map(|&i| &requests[i]).collect();
+            match self.claim_round(&batch).await {
+                Ok(found) => {
+                    for (i, result) in round.into_iter().zip(found) {
+                        match result {
+                            Some(result) => results[i] = Some(result),
+                            None => rest.push(i),
+                        }
+                    }
+                }
+                // The statement failed on the server and so changed nothing.
+                Err(Error::Backend { .. }) if round.len() > 1 => {
+                    one_at_a_time = true;
+                    rest.extend(round);
+                }
+                Err(e) => {
+                    for i in round {
+                        results[i] = Some(Err(copy_error(&e)));
+                    }
+                }
+            }
+            rest.sort_unstable();
+            pending = rest;
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::backend("postgres: claim", "no outcome"))))
+            .collect()
+    }
+
+    /// Claims distinct ids in one statement. `None` for an id whose row changed under the
+    /// statement's snapshot (a concurrent writer won a race): the caller claims it again.
+    async fn claim_round(
+        &self,
+        requests: &[&ClaimRequest],
+    ) -> Result<Vec<Option<ClaimResult>>, Error> {
+        let holder = nonce()?;
+        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
+        let fingerprints: Vec<&[u8]> = requests
+            .iter()
+            .map(|r| &r.fingerprint.as_bytes()[..])
+            .collect();
+        let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
+        let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
+        let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // One claim binds scalars (claim_one.sql says why), a batch binds arrays.
+        let one = requests.len() == 1;
+        let sql = if one {
+            &self.queries.claim_one
+        } else {
+            &self.queries.claim
+        };
+        let statement = prepared(&client, sql, "claim").await?;
+        let result = if one {
+            client
+                .query(
+                    &statement,
+                    &[
+                        &ids[0],
+                        &fingerprints[0],
+                        &leases[0],
+                        &retentions[0],
+                        &holders[0],
+                    ],
+                )
+                .await
+        } else {
+            client
+                .query(
+                    &statement,
+                    &[&ids, &fingerprints, &leases, &retentions, &holders],
+                )
+                .await
+        };
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) if retryable(&e) => return Ok(requests.iter().map(|_| None).collect()),
+            Err(e) if outcome_unknown(&e) => {
+                drop(client);
+                return self.resolve_lost_claims(requests, &holder, e).await;
+            }
+            Err(e) => return Err(pg_error("claim", e)),
+        };
+        let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> =
+            HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
+            let id = RecordId::from_slice(id)
+                .ok_or_else(|| Error::corrupt("postgres: a record id is not 32 bytes"))?;
+            by_id.insert(id, claim_row(row));
+        }
+        Ok(requests
+            .iter()
+            .map(|request| match by_id.get(&request.id)? {
+                Err(e) => Some(Err(copy_error(e))),
+                Ok(row) if row.claimed => Some(Ok(claimed_outcome(&row.record, row.taken_over))),
+                Ok(row) => existing_outcome(&row.record, request, row.now).map(Ok),
+            })
+            .collect())
+    }
+
+    /// After a claim statement failed with its connection: reads back which of the ids carry
+    /// this claim's nonce (those the claim took), on a fresh connection. The others are
+    /// claimed again by the caller.
+    async fn resolve_lost_claims(
+        &self,
+        requests: &[&ClaimRequest],
+        holder: &[u8; 16],
+        cause: tokio_postgres::Error,
+    ) -> Result<Vec<Option<ClaimResult>>, Error> {
+        let unknown = || {
+            Error::unavailable(
+                "postgres: the connection failed during a claim and its outcome could not be read back",
+                format!("{cause}"),
+            )
+        };
+        let client = self.pool.get().await.map_err(|_| unknown())?;
+        let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
+        let rows = client
+            .query(&self.queries.claim_by_holder, &[&ids, &&holder[..]])
+            .await
+            .map_err(|_| unknown())?;
+        let mut mine = HashMap::new();
+        for row in &rows {
+            let (record, taken_over) = row::record(row)?;
+            mine.insert(record.id, claimed_outcome(&record, taken_over));
+        }
+        Ok(requests
+            .iter()
+            .map(|r| mine.remove(&r.id).map(Ok))
+            .collect())
+    }
+}
+
+/// An error for one of several claims that failed together: the same variant and message,
+/// the driver's error kept as text.
+pub(crate) fn copy_error(e: &Error) -> Error {
+    let source = |s: Option<&(dyn std::error::Error + Send + Sync + 'static)>| {
+        s.map(|s| s.to_string().into())
+    };
+    match e {
+        Error::Unavailable { message, source: s } => Error::Unavailable {
+            message: message.clone(),
+            source: source(s.as_deref()),
+        },
+        Error::Corrupt { message, source: s } => Error::Corrupt {
+            message: message.clone(),
+            source: source(s.as_deref()),
+        },
+        Error::InvalidRequest { reason } => Error::InvalidRequest {
+            reason: reason.clone(),
+        },
+        other => Error::Backend {
+            message: other.to_string(),
+            source: None,
+        },
+    }
+}
+
+/// One row of the claim statement.
+struct ClaimRow {
+    /// Whether this statement took the record.
+    claimed: bool,
+    record: Record,
+    /// The server's time of the statement.
+    now: Timestamp,
+    /// The (token, lease end) of the lease the claim took over.
+    taken_over: Option<(i64, i64)>,
+}
+
+fn claim_row(row: &tokio_postgres::Row) -> Result<ClaimRow, Error> {
+    let (record, taken_over) = row::record(row)?;
+    let claimed: bool = row.try_get("claimed").map_err(row::decode_error)?;
+    let now: i64 = row.try_get("now").map_err(row::decode_error)?;
+    Ok(ClaimRow {
+        claimed,
+        record,
+        now: row::timestamp(now)?,
+        taken_over,
+    })
+}
+
+/// The outcome for a row the claim took.
+fn claimed_outcome(record: &Record, taken_over: Option<(i64, i64)>) -> ClaimOutcome {
+    let lease_until = match record.state {
+        RecordState::InFlight { lease_until } => lease_until,
+        _ => unreachable!("a claimed row is in flight"),
+    };
+    let lease = Lease {
+        id: record.id,
+        token: record.token,
+        lease_until,
+    };
+    match taken_over {
+        Some((token, lease_until)) => ClaimOutcome::TookOver {
+            lease,
+            previous_token: FencingToken::new(token as u64),
+            previous_lease_until: Timestamp::from_millis(lease_until.max(0) as u64),
+        },
+        None => ClaimOutcome::Acquired(lease),
+    }
+}
+
+/// The outcome for a row the claim did not take; `None` if the row says it should have
+/// (the statement's snapshot was older than the row it conflicted with).
+fn existing_outcome(
+    record: &Record,
+    request: &ClaimRequest,
+    now: Timestamp,
+) -> Option<ClaimOutcome> {
+    match record::decide(Some(record), &request.fingerprint, now) {
+        Decision::Replay => match &record.state {
+            RecordState::Completed {
+                response,
+                completed_at,
+            } => Some(ClaimOutcome::Completed(Completion {
+                response: response.clone(),
+                completed_at: *completed_at,
+                expires_at: record.expires_at,
+                token: record.token,
+            })),
+            _ => None,
+        },
+        Decision::InFlight { lease_until } => Some(ClaimOutcome::InFlight { lease_until }),
+        Decision::Mismatch => Some(ClaimOutcome::Mismatch),
+        Decision::Claim { .. } | Decision::TakeOver { .. } => None,
+    }
+}
