@@ -98,6 +98,25 @@ def report(out: Path) -> str:
                 f"| {ms(r['p50_us'])} | {ms(r['p99_us'])} | {ms(r['p999_us'])} "
                 f"| {calls:.2f} | {errors} | {cpu(row, r)} | {r['load_cpu'] * 100:.0f} % |"
             )
+    fresh = [(row, by[(row, "fresh")]) for row in ROWS if (row, "fresh") in by]
+    if any("proxy_user_us" in r for _, r in fresh):
+        lines.append("")
+        lines.append("**Where the proxy's CPU goes (fresh keys)**: per request, in the proxy "
+                     "process itself (the upstream's, in its own row): its own code (user) and "
+                     "the kernel's work for it (system: sockets, loopback TCP, file I/O).")
+        lines.append("")
+        lines.append("| row | user | system | total | user ÷ nginx's | system ÷ nginx's |")
+        lines.append("|---|---|---|---|---|---|")
+        base = by.get(("nginx", "fresh"), {})
+        for row, r in fresh:
+            if "proxy_user_us" not in r:
+                continue
+            u, k = r["proxy_user_us"], r["proxy_sys_us"]
+            bu, bk = base.get("proxy_user_us", 0), base.get("proxy_sys_us", 0)
+            lines.append(
+                f"| {ROWS[row]} | {u:.1f} µs | {k:.1f} µs | {u + k:.1f} µs "
+                f"| {ratio(u, bu)} | {ratio(k, bk)} |"
+            )
     lines.append("")
     lines.append("**Against the targets**")
     lines.append("")
