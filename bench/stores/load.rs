@@ -5,10 +5,13 @@
 //! N tasks each claim fresh record ids one after the other (`Store::claim`, one claim in
 //! flight per task), for a warm-up and then a measured period; the driver prints one line:
 //! `claims/s <rate> concurrency <N> claims <count> seconds <elapsed>`. Every claim must be
-//! `Acquired` (the ids are fresh), or the run fails.
+//! `Acquired` (the ids are fresh), or the run fails. With `--complete`, each task completes
+//! every record it claimed (a 200-byte response) before its next claim, as the gateway does
+//! for every executed request: the rate is then of claim-and-complete pairs.
 //!
 //! ```text
 //! postgres_claims|redis_claims URL [--concurrency N] [--seconds S] [--warmup S] [--pool-size P]
+//!                                   [--complete]
 //! ```
 
 use std::sync::Arc;
@@ -16,6 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use idem_core::{ClaimOutcome, ClaimRequest, Error, Fingerprint, RecordId, Store};
+
+/// The response each completion stores with `--complete`: 200 bytes.
+const RESPONSE: &[u8] = &[b'x'; 200];
 
 /// The command line.
 pub(crate) struct Args {
@@ -29,9 +35,11 @@ pub(crate) struct Args {
     pub(crate) warmup: f64,
     /// Connections in the store's pool, where it has one.
     pub(crate) pool_size: Option<usize>,
+    /// Complete each claimed record before the next claim.
+    pub(crate) complete: bool,
 }
 
-const USAGE: &str = "usage: postgres_claims|redis_claims URL [--concurrency N] [--seconds S] [--warmup S] [--pool-size P]";
+const USAGE: &str = "usage: postgres_claims|redis_claims URL [--concurrency N] [--seconds S] [--warmup S] [--pool-size P] [--complete]";
 
 /// Parses the command line.
 pub(crate) fn args() -> Result<Args, String> {
@@ -42,6 +50,7 @@ pub(crate) fn args() -> Result<Args, String> {
         seconds: 10.0,
         warmup: 2.0,
         pool_size: None,
+        complete: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -57,6 +66,7 @@ pub(crate) fn args() -> Result<Args, String> {
             "--seconds" => parsed.seconds = number(&arg, value(&arg)?)?,
             "--warmup" => parsed.warmup = number(&arg, value(&arg)?)?,
             "--pool-size" => parsed.pool_size = Some(number(&arg, value(&arg)?)?.max(1.0) as usize),
+            "--complete" => parsed.complete = true,
             _ if parsed.url.is_empty() && !arg.starts_with('-') => parsed.url = arg,
             _ => return Err(format!("unexpected argument {arg}\n{USAGE}")),
         }
@@ -82,6 +92,7 @@ pub(crate) async fn run(store: Arc<dyn Store>, args: &Args) -> Result<(), Error>
         .map(|task| {
             let (store, claims, stop, run) =
                 (store.clone(), claims.clone(), stop.clone(), run.clone());
+            let complete = args.complete;
             tokio::spawn(async move {
                 let fingerprint = Fingerprint::of_bytes(b"claim_load");
                 let mut i = 0u64;
@@ -91,6 +102,11 @@ pub(crate) async fn run(store: Arc<dyn Store>, args: &Args) -> Result<(), Error>
                         .with_lease(Duration::from_secs(60))
                         .with_retention(Duration::from_secs(60));
                     match store.claim(&request).await? {
+                        ClaimOutcome::Acquired(lease) if complete => {
+                            store
+                                .complete(&lease.id, lease.token, RESPONSE.into())
+                                .await?;
+                        }
                         ClaimOutcome::Acquired(_) => {}
                         other => {
                             return Err(Error::backend(

@@ -9,6 +9,7 @@ use idem_core::record::{self, Decision};
 use idem_core::{ClaimOutcome, ClaimRequest, Completion, Error, Lease, Record, RecordId};
 use idem_core::{FencingToken, RecordState, Timestamp};
 
+use crate::combine::Batch;
 use crate::queries::Queries;
 use crate::{millis_i64, nonce, outcome_unknown, pg_error, pool_error, prepared, retryable, row};
 
@@ -24,6 +25,19 @@ pub(crate) type ClaimResult = Result<ClaimOutcome, Error>;
 pub(crate) struct Claimer {
     pub(crate) pool: Pool,
     pub(crate) queries: Arc<Queries>,
+}
+
+impl Batch for Claimer {
+    type Request = ClaimRequest;
+    type Output = ClaimOutcome;
+
+    fn id(request: &ClaimRequest) -> RecordId {
+        request.id
+    }
+
+    async fn run(&self, requests: &[ClaimRequest]) -> Vec<ClaimResult> {
+        self.claim_each(requests).await
+    }
 }
 
 impl Claimer {

@@ -34,11 +34,12 @@
 //!
 //! # Claims under load
 //!
-//! A single claim runs alone while a pooled connection is free. When every connection is
-//! busy, the claims that arrive meanwhile queue and go to the server together, as one batch
-//! statement (one execution, one commit) on the next connection free; each still gets its
-//! own answer. A claim whose caller goes away while it is queued is withdrawn, never sent.
-//! [`PostgresStore::queued_claims`] tells how many wait.
+//! A single claim, or a completion, runs alone while a pooled connection is free. When
+//! every connection is busy, the claims that arrive meanwhile queue and go to the server
+//! together, as one batch statement (one execution, one commit) on the next connection
+//! free, and so do completions; each still gets its own answer. An operation whose caller
+//! goes away while it is queued is withdrawn, never sent. [`PostgresStore::queued_claims`]
+//! and [`PostgresStore::queued_completions`] tell how many wait.
 //!
 //! # Resolving lost answers
 //!
@@ -49,6 +50,7 @@
 
 mod claims;
 mod combine;
+mod completes;
 mod migrate;
 mod queries;
 mod row;
@@ -69,6 +71,7 @@ use tokio_postgres::NoTls;
 
 use claims::Claimer;
 use combine::Combiner;
+use completes::{Completer, Settled};
 pub use migrate::migrate;
 use queries::Queries;
 
@@ -103,7 +106,9 @@ pub struct PostgresStore {
     /// Runs claim statements (batches, and the rounds of ids that raced).
     claimer: Claimer,
     /// Single claims: alone while a connection is free, combined into batches otherwise.
-    claims: Combiner,
+    claims: Combiner<Claimer>,
+    /// Completions, likewise.
+    completes: Combiner<Completer>,
     notifier: Arc<CompletionNotifier>,
     listener: JoinHandle<()>,
 }
@@ -203,8 +208,14 @@ impl PostgresStore {
             pool: pool.clone(),
             queries: queries.clone(),
         };
+        let slots = Arc::new(tokio::sync::Semaphore::new(options.pool_size.max(1)));
+        let completer = Completer {
+            pool: pool.clone(),
+            queries: queries.clone(),
+        };
         Ok(Self {
-            claims: Combiner::new(claimer.clone(), options.pool_size),
+            claims: Combiner::new(claimer.clone(), slots.clone()),
+            completes: Combiner::new(completer, slots),
             claimer,
             pool,
             queries,
@@ -223,28 +234,21 @@ impl PostgresStore {
         self.claims.queued()
     }
 
-    async fn settle(
-        &self,
-        sql: &str,
-        what: &str,
-        id: &RecordId,
-        token: FencingToken,
-        response: Option<Bytes>,
-    ) -> Result<(), Error> {
+    /// Completions waiting for a connection, likewise.
+    pub fn queued_completions(&self) -> usize {
+        self.completes.queued()
+    }
+
+    async fn release_one(&self, id: &RecordId, token: FencingToken) -> Result<(), Error> {
         let client = self.client().await?;
-        let statement = prepared(&client, sql, what).await?;
-        let token_i64 = row::token_param(token)?;
-        let id_bytes = &id.as_bytes()[..];
-        let row = match &response {
-            Some(body) => {
-                let body: &[u8] = body;
-                client
-                    .query_one(&statement, &[&id_bytes, &token_i64, &body])
-                    .await
-            }
-            None => client.query_one(&statement, &[&id_bytes, &token_i64]).await,
-        }
-        .map_err(|e| pg_error(what, e))?;
+        let statement = prepared(&client, &self.queries.release, "release").await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[&&id.as_bytes()[..], &row::token_param(token)?],
+            )
+            .await
+            .map_err(|e| pg_error("release", e))?;
         let changed: i64 = row.try_get("changed").map_err(row::decode_error)?;
         if changed == 1 {
             // Waiters in this process hear the NOTIFY too; waking them here saves the trip.
@@ -289,7 +293,7 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
         request.validate()?;
-        self.claims.claim(request).await
+        self.claims.run(request.clone()).await
     }
 
     async fn complete(
@@ -298,19 +302,19 @@ impl Store for PostgresStore {
         token: FencingToken,
         response: Bytes,
     ) -> Result<(), Error> {
-        self.settle(
-            &self.queries.complete,
-            "complete",
-            id,
-            token,
-            Some(response),
-        )
-        .await
+        match self.completes.run((*id, token, response)).await? {
+            Settled::Changed => {
+                // Waiters in this process hear the NOTIFY too; waking them here saves the
+                // trip.
+                self.notifier.notify(id);
+                Ok(())
+            }
+            Settled::NotHeld(current) => Err(self.lease_lost(id, token, current).await),
+        }
     }
 
     async fn release(&self, id: &RecordId, token: FencingToken) -> Result<(), Error> {
-        self.settle(&self.queries.release, "release", id, token, None)
-            .await
+        self.release_one(id, token).await
     }
 
     async fn renew(

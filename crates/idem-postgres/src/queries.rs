@@ -19,6 +19,8 @@ pub(crate) struct Queries {
     pub(crate) claim_one: String,
     pub(crate) claim_by_holder: String,
     pub(crate) complete: String,
+    /// Completes a batch of distinct ids (arrays).
+    pub(crate) complete_batch: String,
     pub(crate) release: String,
     pub(crate) renew: String,
     pub(crate) get: String,
@@ -77,6 +79,7 @@ impl Queries {
             claim_one: fill(include_str!("../queries/claim_one.sql")),
             claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
             complete: fill(include_str!("../queries/complete.sql")),
+            complete_batch: fill(include_str!("../queries/complete_batch.sql")),
             release: fill(include_str!("../queries/release.sql")),
             renew: fill(include_str!("../queries/renew.sql")),
             get: fill(include_str!("../queries/get.sql")),

@@ -270,3 +270,122 @@ async fn many_fresh_claims_through_a_small_pool_each_acquire_a_real_lease() {
     }
     assert_eq!(ids.len(), 300);
 }
+
+#[tokio::test]
+async fn queued_completions_go_as_one_statement_notify_every_replica_and_answer_each() {
+    let setup = setup(1).await;
+    let mut leases = Vec::new();
+    for i in 0..10 {
+        let ClaimOutcome::Acquired(lease) = setup
+            .store
+            .claim(&request(&setup.table, &format!("done-{i}")))
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh id is acquired");
+        };
+        leases.push(lease);
+    }
+    let ClaimOutcome::Acquired(held) = setup
+        .store
+        .claim(&request(&setup.table, "held"))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh id is acquired");
+    };
+    // A replica over the same table waits for one of the records to settle.
+    let replica = PostgresStore::connect(
+        &url(),
+        PostgresOptions {
+            schema: SCHEMA.into(),
+            table: setup.table.clone(),
+            pool_size: 1,
+            migrate: false,
+        },
+    )
+    .await
+    .unwrap();
+    let watched = leases[3].id;
+    let woken = tokio::spawn(async move {
+        replica
+            .completion_waiter()
+            .unwrap()
+            .wait_settled(&watched)
+            .await
+    });
+
+    let blocker = setup.hold_the_connection().await;
+    let tasks: Vec<_> = leases
+        .iter()
+        .map(|lease| {
+            let (store, lease) = (setup.store.clone(), *lease);
+            tokio::spawn(async move {
+                store
+                    .complete(
+                        &lease.id,
+                        lease.token,
+                        format!("answer {:?}", lease.id).into(),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    // A token that does not hold its record, in the same batch.
+    let stale = {
+        let store = setup.store.clone();
+        let token = idem_core::FencingToken::new(held.token.get() + 5);
+        tokio::spawn(async move { store.complete(&held.id, token, "no".into()).await })
+    };
+    for round in 0.. {
+        if setup.store.queued_completions() == 11 {
+            break;
+        }
+        assert!(round < 1000, "the completions never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    setup.other.batch_execute("COMMIT").await.unwrap();
+    blocker.await.unwrap().unwrap();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    match stale.await.unwrap() {
+        Err(Error::LeaseLost { current, .. }) => assert_eq!(current, Some(held.token)),
+        other => panic!("a stale token loses, not {other:?}"),
+    }
+    // The replica's waiter hears the batch's notification (a bound, not a timing claim).
+    tokio::time::timeout(Duration::from_secs(60), woken)
+        .await
+        .expect("the replica's waiter is woken")
+        .unwrap()
+        .unwrap();
+
+    for lease in &leases {
+        let record = setup.store.get(&lease.id).await.unwrap().unwrap();
+        match record.state {
+            idem_core::RecordState::Completed { response, .. } => {
+                assert_eq!(response, format!("answer {:?}", lease.id).as_bytes());
+            }
+            other => panic!("completed, not {other:?}"),
+        }
+    }
+    assert!(matches!(
+        setup.store.get(&held.id).await.unwrap().unwrap().state,
+        idem_core::RecordState::InFlight { .. }
+    ));
+    // One statement: one clock reading for all ten.
+    let ids: Vec<&[u8]> = leases.iter().map(|l| &l.id.as_bytes()[..]).collect();
+    let row = setup
+        .other
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT settled_at) FROM {SCHEMA}.{} WHERE id = ANY($1)",
+                setup.table
+            ),
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "one statement, one settle time");
+}
