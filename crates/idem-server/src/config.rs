@@ -379,6 +379,7 @@ pub struct FileConfig {
     pub principal_secret: Option<String>,
     pub upstream_timeout: Option<Dur>,
     pub connect_timeout: Option<Dur>,
+    pub store_timeout: Option<Dur>,
     pub shutdown_grace: Option<Dur>,
     pub purge_interval: Option<Dur>,
     pub key_header: Option<String>,
@@ -465,6 +466,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// How long connecting to the upstream may take.
     pub connect_timeout: Duration,
+    /// How long one store operation may take before it counts as failed, outcome unknown.
+    pub store_timeout: Duration,
     /// How long a shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
     /// How often expired records are purged.
@@ -611,6 +614,11 @@ impl Config {
             file.connect_timeout,
             DEFAULT_CONNECT_TIMEOUT,
         )?;
+        let store_timeout = positive(
+            "store_timeout",
+            file.store_timeout,
+            idem_tower::DEFAULT_STORE_TIMEOUT,
+        )?;
         let shutdown_grace = file.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0);
         let purge_interval = positive(
             "purge_interval",
@@ -682,6 +690,7 @@ impl Config {
             principal_secret,
             upstream_timeout,
             connect_timeout,
+            store_timeout,
             shutdown_grace,
             purge_interval,
             key_header,
@@ -991,6 +1000,16 @@ mod tests {
         assert_eq!(routes.len(), 1);
         assert_eq!(routes[0].pattern(), "/*");
         assert_eq!(routes[0].policy().lease(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_store_timeout_defaults_to_five_seconds_and_must_be_positive() {
+        let config = Config::from_toml(UP).unwrap();
+        assert_eq!(config.store_timeout, Duration::from_secs(5));
+        let config = Config::from_toml(&format!("{UP}store_timeout = \"250ms\"\n")).unwrap();
+        assert_eq!(config.store_timeout, Duration::from_millis(250));
+        let e = err(&format!("{UP}store_timeout = \"0s\"\n"));
+        assert_eq!(e.field, "store_timeout", "{e}");
     }
 
     #[test]

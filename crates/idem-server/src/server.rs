@@ -135,6 +135,7 @@ impl App {
         let layer = IdempotencyLayer::new(store.clone(), principal_secret)
             .with_routes(config.routes.clone())
             .with_key_header(config.key_header.clone())
+            .with_store_timeout(Some(config.store_timeout))
             .with_events(Arc::new(events));
         metrics.routes(layer.routes());
         Ok(Self {

@@ -81,7 +81,20 @@ impl Ctx {
         operation: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = std::time::Instant::now();
-        let result = operation.await;
+        let result = match self.shared.store_timeout {
+            Some(limit) => tokio::time::timeout(limit, operation)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable {
+                        message: format!(
+                            "the store did not answer a {} within {limit:?}; its outcome is unknown",
+                            op.as_str()
+                        ),
+                        source: None,
+                    })
+                }),
+            None => operation.await,
+        };
         self.shared
             .events
             .store_latency(op, start.elapsed(), result.is_ok());

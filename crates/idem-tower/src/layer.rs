@@ -31,7 +31,11 @@ pub(crate) struct Shared {
     pub(crate) principal_extractor: Arc<dyn PrincipalExtractor>,
     pub(crate) events: Arc<dyn IdempotencyEvents>,
     pub(crate) store_retry_after: Duration,
+    pub(crate) store_timeout: Option<Duration>,
 }
+
+/// The default bound on one store operation: see [`IdempotencyLayer::with_store_timeout`].
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl IdempotencyLayer {
     /// A layer over `store` with the default route table (every path, the default
@@ -49,6 +53,7 @@ impl IdempotencyLayer {
                 principal_extractor: Arc::new(HeaderPrincipal),
                 events: Arc::new(()),
                 store_retry_after: Duration::from_secs(1),
+                store_timeout: Some(DEFAULT_STORE_TIMEOUT),
             }),
         }
     }
@@ -91,6 +96,18 @@ impl IdempotencyLayer {
     /// The `Retry-After` of `503 store-unavailable` answers. Default: 1 second.
     pub fn with_store_retry_after(self, after: Duration) -> Self {
         self.update(|s| s.store_retry_after = after)
+    }
+
+    /// How long one store operation (a claim, a completion, a release, a renewal, a clock
+    /// read) may take; past it the operation counts as failed with its outcome unknown
+    /// ([`Error::Unavailable`](idem_core::Error::Unavailable)), exactly as if the store had
+    /// dropped the connection: a claim answers `503 store-unavailable` (the client retries;
+    /// if the claim did land, the retry finds it in flight until its lease passes), a
+    /// completion leaves the record in flight until its lease passes. `None` waits for as
+    /// long as the store takes. Default: 5 seconds. Waits for another request's completion
+    /// (`Prefer: wait`) have their own bound, the route's `max_wait`.
+    pub fn with_store_timeout(self, timeout: Option<Duration>) -> Self {
+        self.update(|s| s.store_timeout = timeout)
     }
 
     /// The store.

@@ -134,7 +134,7 @@ pub use events::{Event, IdempotencyEvents, ReleaseReason, StoreOp};
 pub use extract::{HeaderKey, HeaderPrincipal, IDEMPOTENCY_KEY, KeyExtractor, PrincipalExtractor};
 pub use flow::{ClaimInfo, IDEMPOTENT_REPLAYED};
 pub use future::ResponseFuture;
-pub use layer::IdempotencyLayer;
+pub use layer::{DEFAULT_STORE_TIMEOUT, IdempotencyLayer};
 pub use outcome::{Ambiguous, AmbiguousKind, ResponseClass};
 pub use policy::{
     Anonymous, Disposition, FailMode, KeyRequirement, OnCancel, OnInFlight, Policy, PolicyError,

@@ -720,6 +720,62 @@ async fn a_failed_completion_leaves_the_key_in_flight_never_released() {
     assert_eq!(counter.get(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_claim_the_store_never_answers_is_503_after_the_store_timeout_and_runs_nothing() {
+    let (memory, clock) = memory_store();
+    let store = TestStore::new(memory);
+    // The claim lands, but its answer never comes back.
+    store.hang_claims.store(true, Ordering::SeqCst);
+    let routes = Routes::new().route("/v1/charges", required()).unwrap();
+    let layer = layer_with(store.clone(), routes)
+        .with_store_timeout(Some(Duration::from_secs(2)))
+        .with_store_retry_after(Duration::from_secs(3));
+    let counter = Counter::default();
+    let svc = charging(&layer, &counter);
+    let res = call(&svc, post("/v1/charges", Some("k"), "{}")).await;
+    assert_eq!(res.headers()["retry-after"], "3");
+    problem(res, 503, "store-unavailable").await;
+    assert_eq!(counter.get(), 0);
+    // The claim did land: a retry finds it in flight, and never runs it a second time.
+    store.hang_claims.store(false, Ordering::SeqCst);
+    problem(
+        call(&svc, post("/v1/charges", Some("k"), "{}")).await,
+        409,
+        "in-flight",
+    )
+    .await;
+    clock.advance(Duration::from_secs(61));
+    problem(
+        call(&svc, post("/v1/charges", Some("k"), "{}")).await,
+        502,
+        "outcome-unknown",
+    )
+    .await;
+    assert_eq!(counter.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_completion_the_store_never_answers_still_answers_the_client() {
+    let (memory, _) = memory_store();
+    let store = TestStore::new(memory);
+    store.hang_completes.store(true, Ordering::SeqCst);
+    let routes = Routes::new().route("/v1/charges", required()).unwrap();
+    let layer = layer_with(store.clone(), routes);
+    let counter = Counter::default();
+    let svc = charging(&layer, &counter);
+    // The default bound (5 s) ends the wait; the request ran, so its answer goes out.
+    let first = call(&svc, post("/v1/charges", Some("k"), "{}")).await;
+    assert_eq!(first.status(), 201);
+    assert_eq!(TestStore::count(&store.releases), 0);
+    problem(
+        call(&svc, post("/v1/charges", Some("k"), "{}")).await,
+        409,
+        "in-flight",
+    )
+    .await;
+    assert_eq!(counter.get(), 1);
+}
+
 #[tokio::test]
 async fn an_unreadable_stored_response_is_500_and_not_executed_again() {
     let (store, _) = memory_store();

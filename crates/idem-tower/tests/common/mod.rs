@@ -243,6 +243,10 @@ pub struct TestStore {
     pub inner: Arc<MemoryStore>,
     pub fail_claims: AtomicBool,
     pub fail_completes: AtomicBool,
+    /// Claims are applied, then never answered (a store that hangs after the write).
+    pub hang_claims: AtomicBool,
+    /// Completions are never answered, nor applied.
+    pub hang_completes: AtomicBool,
     pub hide_waiter: AtomicBool,
     pub claims: AtomicUsize,
     pub completes: AtomicUsize,
@@ -256,6 +260,8 @@ impl TestStore {
             inner,
             fail_claims: AtomicBool::new(false),
             fail_completes: AtomicBool::new(false),
+            hang_claims: AtomicBool::new(false),
+            hang_completes: AtomicBool::new(false),
             hide_waiter: AtomicBool::new(false),
             claims: AtomicUsize::new(0),
             completes: AtomicUsize::new(0),
@@ -283,7 +289,11 @@ impl Store for TestStore {
         if self.fail_claims.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.claim(request).await
+        let outcome = self.inner.claim(request).await;
+        if self.hang_claims.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        outcome
     }
 
     async fn complete(
@@ -295,6 +305,9 @@ impl Store for TestStore {
         self.completes.fetch_add(1, Ordering::SeqCst);
         if self.fail_completes.load(Ordering::SeqCst) {
             return Err(down());
+        }
+        if self.hang_completes.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         self.inner.complete(id, token, response).await
     }
