@@ -99,6 +99,62 @@ impl Default for PostgresOptions {
     }
 }
 
+impl PostgresOptions {
+    /// Takes the store's own parameters out of a connection URL's query string and returns
+    /// the URL the driver gets (everything else, as written) with the options they set over
+    /// `self`:
+    ///
+    /// | parameter | sets |
+    /// |---|---|
+    /// | `schema=NAME` | [`schema`](Self::schema) |
+    /// | `table=NAME` | [`table`](Self::table) |
+    /// | `pool_size=N` | [`pool_size`](Self::pool_size), 1 to 1000 |
+    ///
+    /// ```
+    /// use idem_postgres::PostgresOptions;
+    ///
+    /// let (url, options) = PostgresOptions::default()
+    ///     .with_url_parameters("postgres://idem@db/idem?pool_size=32&application_name=gw&table=keys")
+    ///     .unwrap();
+    /// assert_eq!(url, "postgres://idem@db/idem?application_name=gw");
+    /// assert_eq!((options.pool_size, options.table.as_str()), (32, "keys"));
+    /// ```
+    pub fn with_url_parameters(mut self, url: &str) -> Result<(String, Self), Error> {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((url.to_owned(), self));
+        };
+        let invalid = |reason: String| Error::InvalidRequest { reason };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "schema" => self.schema = value.to_owned(),
+                "table" => self.table = value.to_owned(),
+                "pool_size" => {
+                    self.pool_size = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "invalid PostgreSQL URL: pool_size must be a number from 1 to 1000, not {value:?}"
+                            ))
+                        })?;
+                }
+                _ => kept.push(pair),
+            }
+        }
+        // The names are checked as the store checks them (plain identifiers).
+        Queries::new(&self.schema, &self.table)?;
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok((url, self))
+    }
+}
+
 /// Records in a PostgreSQL table.
 pub struct PostgresStore {
     pool: Pool,

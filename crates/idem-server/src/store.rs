@@ -69,7 +69,16 @@ impl StoreUrl {
                 "invalid store URL {url:?}: sqlite:// needs a file path (sqlite://./idem.db)"
             ))),
             "sqlite" => Ok(StoreUrl::Sqlite(PathBuf::from(rest))),
-            "postgres" | "postgresql" => Ok(StoreUrl::Postgres(url.to_string())),
+            "postgres" | "postgresql" => {
+                // The store's own parameters (schema, table, pool_size) are checked now.
+                PostgresOptions::default()
+                    .with_url_parameters(url)
+                    .map_err(|e| match e {
+                        Error::InvalidRequest { reason } => StoreUrlError(reason),
+                        other => StoreUrlError(other.to_string()),
+                    })?;
+                Ok(StoreUrl::Postgres(url.to_string()))
+            }
             "redis" | "redis+cluster" => Ok(StoreUrl::Redis(url.to_string())),
             "rediss" | "rediss+cluster" => Err(StoreUrlError(format!(
                 "{scheme}:// (Redis over TLS) is not supported: the gateway talks to Redis in \
@@ -123,7 +132,8 @@ impl StoreUrl {
                 Arc::new(store)
             }
             StoreUrl::Postgres(url) => {
-                Arc::new(PostgresStore::connect(url, PostgresOptions::default()).await?)
+                let (url, options) = PostgresOptions::default().with_url_parameters(url)?;
+                Arc::new(PostgresStore::connect(&url, options).await?)
             }
             StoreUrl::Redis(url) => {
                 Arc::new(RedisStore::connect(url, RedisOptions::default()).await?)
@@ -141,7 +151,8 @@ impl StoreUrl {
                 Ok(format!("{}: schema is current", path.display()))
             }
             StoreUrl::Postgres(url) => {
-                let applied = idem_postgres::migrate(url, &PostgresOptions::default()).await?;
+                let (url, options) = PostgresOptions::default().with_url_parameters(url)?;
+                let applied = idem_postgres::migrate(&url, &options).await?;
                 Ok(if applied.is_empty() {
                     "postgres: schema is current".to_string()
                 } else {
@@ -228,6 +239,14 @@ mod tests {
             StoreUrl::parse("postgres://u:p@h/db").unwrap(),
             StoreUrl::Postgres(_)
         ));
+        assert!(matches!(
+            StoreUrl::parse("postgres://u:p@h/db?pool_size=64&table=keys").unwrap(),
+            StoreUrl::Postgres(_)
+        ));
+        let e = StoreUrl::parse("postgres://u:p@h/db?pool_size=0").unwrap_err();
+        assert!(e.to_string().contains("pool_size"), "{e}");
+        let e = StoreUrl::parse("postgres://u:p@h/db?table=Bad-Name").unwrap_err();
+        assert!(e.to_string().contains("table"), "{e}");
         assert!(matches!(
             StoreUrl::parse("redis+cluster://10.0.0.1:6379,10.0.0.2:6379").unwrap(),
             StoreUrl::Redis(_)
