@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_tower::{Event, IdempotencyEvents, Routes, StoreOp};
-use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
+use std::collections::HashMap;
+use std::sync::{OnceLock, PoisonError, RwLock};
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -47,6 +50,42 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    handles: Arc<Handles>,
+}
+
+/// Handles already registered, by their labels. Registering a metric hashes and compares
+/// its whole key (name and labels, built as owned strings) in the registry; a request
+/// records four or five metrics, so they are looked up here instead, by borrowed labels.
+#[derive(Default)]
+struct Handles {
+    /// Route-labelled counters: route, then (metric name, the second label's value).
+    routed: RwLock<HashMap<Box<str>, RouteCounters>>,
+    /// Store latencies: (operation, succeeded).
+    latencies: RwLock<HashMap<(&'static str, bool), Histogram>>,
+    /// Upstream calls, by result.
+    upstream: RwLock<HashMap<&'static str, Counter>>,
+    in_flight: OnceLock<Gauge>,
+}
+
+/// One route's counters, by (metric name, the second label's value).
+type RouteCounters = HashMap<(&'static str, &'static str), Counter>;
+
+/// The handle cached under `key` in `map`, registered with `register` the first time.
+fn cached<K, Q, H>(map: &RwLock<HashMap<K, H>>, key: &Q, register: impl FnOnce() -> (K, H)) -> H
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+    H: Clone,
+{
+    if let Some(handle) = map.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+        return handle.clone();
+    }
+    let (key, handle) = register();
+    map.write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(key)
+        .or_insert(handle)
+        .clone()
 }
 
 impl std::fmt::Debug for Metrics {
@@ -99,6 +138,7 @@ impl Metrics {
         let metrics = Self {
             recorder: Arc::new(recorder),
             handle,
+            handles: Arc::default(),
         };
         metrics.describe();
         metrics
@@ -204,15 +244,59 @@ impl Metrics {
 
     /// Counts an upstream call.
     pub fn upstream(&self, result: UpstreamResult) {
-        self.counter(UPSTREAM, vec![Label::new("result", result.as_str())])
-            .increment(1);
+        let result = result.as_str();
+        cached(&self.handles.upstream, result, || {
+            (
+                result,
+                self.counter(UPSTREAM, vec![Label::new("result", result)]),
+            )
+        })
+        .increment(1);
     }
 
     /// Counts a request executing upstream under a claim until the guard is dropped.
     pub fn in_flight(&self) -> InFlightGuard {
-        let gauge = self.gauge(IN_FLIGHT, Vec::new());
+        let gauge = self
+            .handles
+            .in_flight
+            .get_or_init(|| self.gauge(IN_FLIGHT, Vec::new()))
+            .clone();
         gauge.increment(1.0);
         InFlightGuard(gauge)
+    }
+
+    /// The counter `name` of `route` whose second label (`label`) is `value`.
+    fn routed(
+        &self,
+        name: &'static str,
+        route: &str,
+        label: &'static str,
+        value: &'static str,
+    ) -> Counter {
+        let handles = &self.handles.routed;
+        let found = handles
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .and_then(|by_value| by_value.get(&(name, value)).cloned());
+        if let Some(counter) = found {
+            return counter;
+        }
+        let counter = self.counter(
+            name,
+            vec![
+                Label::new("route", route.to_string()),
+                Label::new(label, value),
+            ],
+        );
+        handles
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(route.into())
+            .or_default()
+            .entry((name, value))
+            .or_insert(counter)
+            .clone()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -233,27 +317,26 @@ impl Drop for InFlightGuard {
 
 impl IdempotencyEvents for Metrics {
     fn event(&self, route: &str, event: Event) {
-        let route = Label::new("route", route.to_string());
         match event {
-            Event::Released(reason) => {
-                self.counter(RELEASES, vec![route, Label::new("reason", reason.as_str())])
-                    .increment(1);
-            }
-            other => {
-                self.counter(REQUESTS, vec![route, Label::new("outcome", other.as_str())])
-                    .increment(1);
-            }
+            Event::Released(reason) => self.routed(RELEASES, route, "reason", reason.as_str()),
+            other => self.routed(REQUESTS, route, "outcome", other.as_str()),
         }
+        .increment(1);
     }
 
     fn store_latency(&self, op: StoreOp, elapsed: Duration, ok: bool) {
-        let labels = vec![
-            Label::new("op", op.as_str()),
-            Label::new("result", if ok { "ok" } else { "error" }),
-        ];
-        self.recorder
-            .register_histogram(&Key::from_parts(STORE_LATENCY, labels), &METADATA)
-            .record(elapsed.as_secs_f64());
+        let key = (op.as_str(), ok);
+        cached(&self.handles.latencies, &key, || {
+            let labels = vec![
+                Label::new("op", key.0),
+                Label::new("result", if ok { "ok" } else { "error" }),
+            ];
+            let histogram = self
+                .recorder
+                .register_histogram(&Key::from_parts(STORE_LATENCY, labels), &METADATA);
+            (key, histogram)
+        })
+        .record(elapsed.as_secs_f64());
     }
 }
 
@@ -285,5 +368,37 @@ mod tests {
         assert!(text.contains("idem_in_flight_requests 1"), "{text}");
         drop(guard);
         assert!(metrics.render().contains("idem_in_flight_requests 0"));
+    }
+
+    #[test]
+    fn cached_handles_keep_routes_outcomes_and_results_apart() {
+        let metrics = Metrics::new();
+        for _ in 0..3 {
+            metrics.event("/a", Event::Executed);
+            metrics.event("/b", Event::Replayed);
+            metrics.store_latency(StoreOp::Claim, Duration::from_millis(1), true);
+            metrics.upstream(UpstreamResult::Ok);
+        }
+        metrics.event("/a", Event::Replayed);
+        metrics.event(
+            "/b",
+            Event::Released(idem_tower::ReleaseReason::RetryableStatus),
+        );
+        metrics.store_latency(StoreOp::Claim, Duration::from_millis(1), false);
+        metrics.upstream(UpstreamResult::Timeout);
+        let text = metrics.render();
+        for line in [
+            r#"idem_requests_total{route="/a",outcome="executed"} 3"#,
+            r#"idem_requests_total{route="/a",outcome="replayed"} 1"#,
+            r#"idem_requests_total{route="/b",outcome="replayed"} 3"#,
+            r#"idem_releases_total{route="/b",reason="retryable_status"} 1"#,
+            r#"idem_store_latency_seconds_count{op="claim",result="ok"} 3"#,
+            r#"idem_store_latency_seconds_count{op="claim",result="error"} 1"#,
+            r#"idem_upstream_requests_total{result="ok"} 3"#,
+            r#"idem_upstream_requests_total{result="timeout"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains(r#"route="/b",outcome="executed""#), "{text}");
     }
 }
