@@ -526,6 +526,29 @@ async fn corrupt_records_are_reported(var: &str) {
         store.claim(&req).await.unwrap(),
         ClaimOutcome::Acquired(_)
     ));
+
+    // A hash without a token is a record too (not a fresh key), and a claim leaves it as
+    // it is.
+    let req = request("corrupt-no-token");
+    let key = store.record_key(&req.id);
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("response")
+        .arg("r")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&req).await,
+        Err(Error::Corrupt { .. })
+    ));
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, vec![("response".to_owned(), "r".to_owned())]);
+    assert!(store.inspector().unwrap().remove(&req.id).await.unwrap());
 }
 
 #[tokio::test]
