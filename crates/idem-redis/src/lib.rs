@@ -59,6 +59,17 @@
 //! Scripts declare themselves with a `#!lua` line, so that the server refuses them as a
 //! whole (rather than halfway) when it is out of memory or lacks its required replicas.
 //!
+//! # Claims on Redis Cluster
+//!
+//! The driver's cluster connection passes every command through a routing task of its own
+//! before the node's connection. Claims skip it: the store keeps one connection per master
+//! and a slot map read with `CLUSTER SLOTS`, and sends a claim straight to the master of its
+//! key's slot. The master decides: one that does not serve the slot answers `MOVED` or
+//! `ASK` without running the script. Such a claim, a claim on a slot the map does not know,
+//! and a claim whose connection failed (sent again with the same nonce, see below) go
+//! through the driver's cluster connection, which follows redirections; a `MOVED` or a
+//! failure has the map read again. Every other command goes through the cluster connection.
+//!
 //! # Lost answers
 //!
 //! When the connection fails after a script was sent, whether it ran is unknown. Each claim
@@ -101,6 +112,7 @@ mod keys;
 mod notify;
 mod reply;
 mod scripts;
+mod slots;
 mod store;
 
 use std::time::Duration;

@@ -3,14 +3,15 @@
 //! Scripts run with `EVALSHA`; [`redis::Script`] loads a script the server does not know
 //! (`NOSCRIPT`) and sends it again. Every script reads the server's clock with `TIME`.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use idem_core::{ClaimRequest, FencingToken, RecordId, duration_millis};
-use redis::{Cmd, RedisResult, Script, Value};
+use redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
 use crate::conn::Conn;
 use crate::keys::Keys;
+use crate::slots::Routes;
 
 static CLAIM: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../scripts/claim.lua")));
@@ -34,10 +35,14 @@ pub(crate) fn millis(d: Duration) -> u64 {
 
 /// `claim.lua` as a command, for pipelines (the caller handles `NOSCRIPT`).
 pub(crate) fn claim_cmd(keys: &Keys, request: &ClaimRequest, holder: &str) -> Cmd {
+    claim_cmd_on(&keys.record(&request.id), request, holder)
+}
+
+fn claim_cmd_on(key: &str, request: &ClaimRequest, holder: &str) -> Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(CLAIM.get_hash())
         .arg(1)
-        .arg(keys.record(&request.id))
+        .arg(key)
         .arg(crate::keys::hex(request.fingerprint.as_bytes()))
         .arg(millis(request.lease))
         .arg(millis(request.retention))
@@ -64,6 +69,26 @@ pub(crate) async fn claim(
         .arg(holder)
         .invoke_async(conn)
         .await
+}
+
+/// [`claim`] on a cluster, straight to the key's master when the slot map knows it (see
+/// [`Routes`]).
+pub(crate) async fn claim_routed(
+    routes: &Arc<Routes>,
+    keys: &Keys,
+    request: &ClaimRequest,
+    holder: &str,
+) -> RedisResult<Value> {
+    let key = keys.record(&request.id);
+    let cmd = claim_cmd_on(&key, request, holder);
+    match routes.query(&cmd, key.as_bytes()).await?.extract_error() {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            // On every master (the script did not run), then once more.
+            CLAIM.load_async(&mut routes.cluster()).await?;
+            routes.query(&cmd, key.as_bytes()).await?.extract_error()
+        }
+        result => result,
+    }
 }
 
 pub(crate) async fn complete(

@@ -27,6 +27,7 @@ use crate::keys::{Keys, hex};
 use crate::notify::{Listener, Subscriptions, push_handler};
 use crate::reply::{self, Settled};
 use crate::scripts;
+use crate::slots::Routes;
 
 /// How many times an idempotent command is sent again after a connection failure or a
 /// passing refusal, and the first pause (tripled each time).
@@ -42,6 +43,8 @@ const CONCURRENCY: usize = 64;
 /// notification design.
 pub struct RedisStore {
     conn: Conn,
+    /// Cluster: claims straight to the key's master.
+    routes: Option<Arc<Routes>>,
     keys: Keys,
     notifier: Arc<CompletionNotifier>,
     wake: Wake,
@@ -159,6 +162,7 @@ impl RedisStore {
         .await?;
         Ok(Self {
             conn,
+            routes: None,
             keys,
             notifier,
             wake: Wake::Listener(listener),
@@ -171,6 +175,7 @@ impl RedisStore {
         notifier: Arc<CompletionNotifier>,
     ) -> Result<Self, Error> {
         let keys = Keys::new(&options.key_prefix, true)?;
+        let seed = nodes.first().cloned().unwrap_or_default();
         let client = ClusterClientBuilder::new(nodes)
             // Sharded pub/sub arrives as RESP3 pushes on the same connection.
             .use_protocol(ProtocolVersion::RESP3)
@@ -187,8 +192,21 @@ impl RedisStore {
                 .map_err(|e| redis_error("connect", e))?;
         let mut conn = Conn::Cluster(cluster.clone());
         check_version(&mut conn).await?;
+        let routes = Routes::new(
+            cluster.clone(),
+            &seed,
+            options.connect_timeout,
+            options.response_timeout,
+            options.response_timeout * 2,
+        )
+        .map_err(invalid_url)?;
+        if let Err(e) = routes.refresh().await {
+            // Claims go through the cluster connection until a reading succeeds.
+            tracing::debug!(error = %e, "redis: reading the cluster's slot map failed");
+        }
         Ok(Self {
             conn,
+            routes: Some(Arc::new(routes)),
             keys: keys.clone(),
             notifier,
             wake: Wake::Sharded(Subscriptions::new(cluster, keys)),
@@ -235,7 +253,12 @@ impl RedisStore {
     ) -> Result<ClaimOutcome, Error> {
         let value = self
             .retrying("claim", |mut conn| async move {
-                scripts::claim(&mut conn, &self.keys, request, holder).await
+                match &self.routes {
+                    Some(routes) => {
+                        scripts::claim_routed(routes, &self.keys, request, holder).await
+                    }
+                    None => scripts::claim(&mut conn, &self.keys, request, holder).await,
+                }
             })
             .await?;
         reply::claim(&request.id, value)
@@ -833,6 +856,176 @@ mod tests {
     #[tokio::test]
     async fn cluster_settlement_sent_again_succeeds_once() {
         a_settlement_sent_again_succeeds_once("IDEM_TEST_REDIS_CLUSTER_URL").await;
+    }
+
+    const CLUSTER: &str = "IDEM_TEST_REDIS_CLUSTER_URL";
+
+    fn routes(store: &RedisStore) -> Arc<Routes> {
+        store.routes.clone().expect("a cluster store routes claims")
+    }
+
+    /// A plain connection to the master at `address`.
+    async fn node(address: &Option<(String, u16)>) -> redis::aio::MultiplexedConnection {
+        let (host, port) = address.clone().expect("the slot has a master");
+        redis::Client::open(format!("redis://{host}:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the slot map is read again and names a working connection for every
+    /// slot.
+    async fn map_read_again(routes: &Routes, truth: &[Option<(String, u16)>]) {
+        for _ in 0..250 {
+            if routes.complete() && routes.addresses() == truth {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the slot map was not read again");
+    }
+
+    /// Claims on a slot map that names the wrong master for most slots: the masters answer
+    /// MOVED without running the script, the claims go through the cluster connection, each
+    /// takes effect once, and the map is read again.
+    #[tokio::test]
+    async fn cluster_claims_follow_a_stale_slot_map() {
+        let store = store(CLUSTER).await;
+        let routes = routes(&store);
+        assert!(routes.complete(), "every slot has a route after connecting");
+        let truth = routes.addresses();
+
+        let requests: Vec<ClaimRequest> = (0..24)
+            .map(|i| request(&format!("stale-map-{i}"), Duration::from_secs(5)))
+            .collect();
+        let slot = |r: &ClaimRequest| crate::slots::key_slot(store.record_key(&r.id).as_bytes());
+        // The slots agree with the server's.
+        let mut conn = store.conn.clone();
+        for r in &requests[..4] {
+            let server: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(store.record_key(&r.id))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(server, slot(r));
+        }
+        let pretended = slot(&requests[0]);
+        let elsewhere = requests
+            .iter()
+            .filter(|r| truth[usize::from(slot(r))] != truth[usize::from(pretended)])
+            .count();
+        assert!(elsewhere > 0, "the ids' slots are on more than one master");
+        routes.pretend_every_slot_is_on_the_master_of(pretended);
+
+        let before = routes.fallbacks();
+        let holders = nonces(requests.len()).unwrap();
+        let mut outcomes = Vec::new();
+        for (r, holder) in requests.iter().zip(&holders) {
+            let outcome = store.claim_with(r, holder).await.unwrap();
+            assert!(matches!(outcome, ClaimOutcome::Acquired(_)), "{outcome:?}");
+            outcomes.push(outcome);
+        }
+        assert!(
+            routes.fallbacks() > before,
+            "a MOVED took the cluster connection"
+        );
+        map_read_again(&routes, &truth).await;
+
+        // Each claim took effect once, on its master: sent again it gets its own lease, and
+        // the record holds it.
+        for ((r, holder), outcome) in requests.iter().zip(&holders).zip(&outcomes) {
+            assert_eq!(&store.claim_with(r, holder).await.unwrap(), outcome);
+            let record = store.get(&r.id).await.unwrap().unwrap();
+            assert_eq!(Some(record.token), outcome.lease().map(|l| l.token));
+        }
+        // On the right map, claims go straight to their masters.
+        let before = routes.fallbacks();
+        for i in 0..8 {
+            let r = request(&format!("right-map-{i}"), Duration::from_secs(5));
+            assert!(matches!(
+                store.claim(&r).await.unwrap(),
+                ClaimOutcome::Acquired(_)
+            ));
+        }
+        assert_eq!(routes.fallbacks(), before);
+    }
+
+    /// A master's connection that fails: the claim goes through the cluster connection, and
+    /// the map is read again with a new connection.
+    #[tokio::test]
+    async fn cluster_claims_survive_a_lost_node_connection() {
+        let store = store(CLUSTER).await;
+        let routes = routes(&store);
+        let truth = routes.addresses();
+        let req = request("lost-node-connection", Duration::from_secs(5));
+        let slot = crate::slots::key_slot(store.record_key(&req.id).as_bytes());
+        let client_id = |mut conn: redis::aio::MultiplexedConnection| async move {
+            redis::cmd("CLIENT")
+                .arg("ID")
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        };
+        let id = client_id(routes.connection(slot).unwrap()).await;
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut node(&truth[usize::from(slot)]).await)
+            .await
+            .unwrap();
+        assert_eq!(killed, 1);
+
+        let before = routes.fallbacks();
+        let holder = nonce().unwrap();
+        let outcome = store.claim_with(&req, &holder).await.unwrap();
+        assert!(matches!(outcome, ClaimOutcome::Acquired(_)), "{outcome:?}");
+        assert!(routes.fallbacks() > before);
+        map_read_again(&routes, &truth).await;
+        assert_ne!(client_id(routes.connection(slot).unwrap()).await, id);
+        assert_eq!(store.claim_with(&req, &holder).await.unwrap(), outcome);
+    }
+
+    /// A claim whose answer comes too late is sent again with the same nonce, on the
+    /// fallback and by the store's retries, and takes effect once: the master is busy with
+    /// a long script while the claims queue behind it, and runs them all afterwards.
+    #[tokio::test]
+    async fn cluster_claim_answered_too_late_takes_effect_once() {
+        let url = std::env::var(CLUSTER).unwrap();
+        let options = RedisOptions {
+            key_prefix: format!("idem-unit:{}:late", std::process::id()),
+            response_timeout: Duration::from_millis(100),
+            ..RedisOptions::default()
+        };
+        let store = RedisStore::connect(&url, options).await.unwrap();
+        let routes = routes(&store);
+        let req = request("late-answer", Duration::from_secs(5));
+        let slot = crate::slots::key_slot(store.record_key(&req.id).as_bytes());
+        let mut busy = node(&routes.addresses()[usize::from(slot)]).await;
+        let busy = tokio::spawn(async move {
+            redis::cmd("EVAL")
+                .arg(
+                    "local t = redis.call('TIME') repeat local n = redis.call('TIME') \
+                     until (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 500000 return 1",
+                )
+                .arg(0)
+                .query_async::<i64>(&mut busy)
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = routes.fallbacks();
+        let holder = nonce().unwrap();
+        let outcome = store.claim_with(&req, &holder).await.unwrap();
+        assert_eq!(busy.await.unwrap().unwrap(), 1);
+        let ClaimOutcome::Acquired(lease) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(routes.fallbacks() > before, "the late claim was sent again");
+        let record = store.get(&req.id).await.unwrap().unwrap();
+        assert_eq!(record.token, lease.token);
+        assert_eq!(store.claim_with(&req, &holder).await.unwrap(), outcome);
     }
 
     /// Concurrent waiters of one record share one sharded subscription, which ends with the
