@@ -168,17 +168,16 @@ impl Fingerprinter {
 /// whose first key is this as a number.
 const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 
-/// The key serde_json (with `raw_value`) reserves for raw values. `serde_json::Value` reads
-/// an object whose first key is this as the JSON text in that member's string value.
+/// The key serde_json (with `raw_value`, which other crates of a binary enable: axum does)
+/// reserves for raw values. `serde_json::Value` reads an object whose first key is this as
+/// the JSON text in that member's string value.
 const RAW_TOKEN: &str = "$serde_json::private::RawValue";
 
-/// Which of serde_json's private keys `serde_json::Value` gives a meaning when they come
-/// first in an object. That depends on serde_json's features in the build (other crates of
-/// a binary enable `raw_value`: axum does), so serde_json itself is asked, once.
+/// Whether `serde_json::Value` reads the number token as a number. That depends on
+/// serde_json's features in the build, so serde_json itself is asked, once.
 #[derive(Clone, Copy)]
 struct Tokens {
     number: bool,
-    raw: bool,
 }
 
 fn tokens() -> Tokens {
@@ -189,7 +188,6 @@ fn tokens() -> Tokens {
         };
         Tokens {
             number: special(r#"{"$serde_json::private::Number":"1"}"#),
-            raw: special(r#"{"$serde_json::private::RawValue":"1"}"#),
         }
     })
 }
@@ -399,13 +397,6 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
                 map.next_value_seed(NumberSeed { c })?;
                 return Ok(0);
             }
-            Some(Key::Raw) => {
-                c.out.truncate(start);
-                return map.next_value_seed(RawSeed {
-                    c,
-                    paths: self.paths,
-                });
-            }
             Some(member) => Some(member),
         };
         let mut in_order = true;
@@ -454,8 +445,6 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
 enum Key {
     /// The first key is serde_json's number token (with `arbitrary_precision`).
     Number,
-    /// The first key is serde_json's raw value token (with `raw_value`).
-    Raw,
     /// A member's key: unescaped in `Canonical::keys`, and written to the output (after a
     /// comma unless first) as `"key":` from `text` on.
     Member { key: Range<usize>, text: usize },
@@ -498,9 +487,12 @@ impl KeySeed<'_, '_> {
                 c.lossy = true;
                 return Ok(Key::Number);
             }
-            if c.tokens.raw && v == RAW_TOKEN {
-                c.lossy = true;
-                return Ok(Key::Raw);
+            if v == RAW_TOKEN {
+                // `Value` (with `raw_value`) reads such an object as the JSON text in its
+                // string, so `{"$serde_json::private::RawValue":"{\"amount\":1}"}` would
+                // share `{"amount":1}`'s form while an upstream reads a different object:
+                // such a body is hashed as raw bytes, whatever serde_json's features.
+                return Err(E::custom("serde_json's private raw value token"));
             }
         } else {
             c.out.push(b',');
@@ -590,42 +582,6 @@ fn is_scanned_number(s: &[u8]) -> bool {
     i == s.len()
 }
 
-/// The value under the raw value token: a string, which `Value` parses as JSON text of its
-/// own (with a recursion limit of its own) and puts in the object's place.
-struct RawSeed<'c, 'x> {
-    c: &'c mut Canonical<'x>,
-    paths: &'c [(usize, usize)],
-}
-
-impl<'de> DeserializeSeed<'de> for RawSeed<'_, '_> {
-    type Value = usize;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for RawSeed<'_, '_> {
-    type Value = usize;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("raw value")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
-        let mut de = serde_json::Deserializer::from_str(v);
-        let members = ValueSeed {
-            c: self.c,
-            paths: self.paths,
-            comma: false,
-        }
-        .deserialize(&mut de)
-        .map_err(E::custom)?;
-        de.end().map_err(E::custom)?;
-        Ok(members)
-    }
-}
-
 /// How many object members a JSON text spells: its colons outside strings.
 fn raw_members(json: &[u8]) -> usize {
     let (mut count, mut in_string, mut escaped) = (0, false, false);
@@ -663,8 +619,13 @@ mod tests {
     const JSON: Option<&str> = Some("application/json");
 
     /// The implementation `canonical_json` replaced, through `serde_json::Value`: the
-    /// oracle its output must equal byte for byte (stored fingerprints depend on it).
+    /// oracle its output must equal byte for byte (stored fingerprints depend on it), but
+    /// for one deliberate change: an object whose first key is serde_json's raw value
+    /// token makes the body hashed raw (it was read as the JSON text in its string).
     fn canonical_json_via_value(f: &Fingerprinter, body: &[u8]) -> Option<Vec<u8>> {
+        if spells_raw_token_first(body) {
+            return None;
+        }
         let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
         if members(&value) != raw_members(body) {
             return None;
@@ -673,6 +634,62 @@ mod tests {
             remove_path(&mut value, path);
         }
         serde_json::to_vec(&value).ok()
+    }
+
+    /// Whether some object of `body` (valid JSON) has the raw value token as its first key,
+    /// however the key is escaped. The deserializer hands plain keys to any visitor but
+    /// `Value`'s, so a visitor of its own sees them as written.
+    fn spells_raw_token_first(body: &[u8]) -> bool {
+        struct Scan<'a>(&'a mut bool);
+        impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Scan<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_unit<E>(self) -> Result<(), E> {
+                Ok(())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+                while seq.next_element_seed(Scan(&mut *self.0))?.is_some() {}
+                Ok(())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+                let mut first = true;
+                while let Some(key) = map.next_key::<String>()? {
+                    if first && key == RAW_TOKEN {
+                        *self.0 = true;
+                    }
+                    first = false;
+                    map.next_value_seed(Scan(&mut *self.0))?;
+                }
+                Ok(())
+            }
+        }
+        let mut found = false;
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let _ = serde::de::DeserializeSeed::deserialize(Scan(&mut found), &mut de);
+        found
     }
 
     /// How many object members a parsed value holds.
@@ -787,6 +804,15 @@ mod tests {
             (br#"{"$serde_json::private::Number":"1"}"#, b"1"),
             (br#"{"\u0024serde_json::private::Number":"1"}"#, b"1"),
             (br#"{"$serde_json::private::\u004eumber":"1"}"#, b"1"),
+            // With raw_value (the gateway's build has it) this read as the JSON in the string.
+            (
+                br#"{"$serde_json::private::RawValue":"{\"amount\":1}"}"#,
+                br#"{"amount":1}"#,
+            ),
+            (
+                br#"{"x":{"\u0024serde_json::private::RawValue":"2"}}"#,
+                br#"{"x":2}"#,
+            ),
         ] {
             assert_ne!(
                 f.fingerprint("POST", "/", JSON, object),
