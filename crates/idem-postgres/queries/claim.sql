@@ -2,6 +2,10 @@
 -- claimed = true; for the others the current row comes back (claimed = false) so the caller
 -- can tell a replay, a lease in flight and a mismatch apart.
 -- $1 ids, $2 fingerprints, $3 leases (ms), $4 retentions (ms), $5 holder nonces.
+--
+-- Run unprepared (the store uses query_typed), so the server plans it for the arrays and the
+-- table as they are: a plan cached for later runs was made for some table size and array
+-- length, and one made while the table was small scanned the whole table once it had grown.
 WITH clock AS (
     SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
 ),
@@ -46,4 +50,4 @@ SELECT false, r.id, r.fingerprint, r.token, r.state, r.lease_until, r.retention,
        r.settled_at, r.response, r.taken_over_token, r.taken_over_lease_until,
        (SELECT now FROM clock)
 FROM {{table}} r
-WHERE r.id IN (SELECT id FROM input) AND r.id NOT IN (SELECT id FROM claimed)
+WHERE r.id = ANY($1::bytea[]) AND r.id NOT IN (SELECT id FROM claimed)

@@ -1,7 +1,8 @@
 -- Completes a batch of distinct in-flight records, each held by its token, with its response,
 -- and notifies waiters in every replica at commit (one notification per record, as
 -- complete.sql sends). One row per input id: whether it changed, and the current token.
--- $1 ids, $2 tokens, $3 responses.
+-- $1 ids, $2 tokens, $3 responses. Run unprepared (query_typed), as claim.sql is, and for the
+-- same reason: a cached plan made while the table was small joins by scanning the table.
 WITH clock AS (
     SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
 ),
@@ -13,7 +14,8 @@ done AS (
     SET state = 1, response = i.response, settled_at = c.now, expires_at = c.now + r.retention,
         holder = NULL
     FROM input i, clock c
-    WHERE r.id = i.id AND r.token = i.token AND r.state = 0 AND r.expires_at > c.now
+    WHERE r.id = ANY($1::bytea[]) AND r.id = i.id AND r.token = i.token AND r.state = 0
+      AND r.expires_at > c.now
     RETURNING r.id
 ),
 notified AS (

@@ -12,6 +12,7 @@ use idem_core::{FencingToken, RecordState, Timestamp};
 use crate::combine::Batch;
 use crate::queries::Queries;
 use crate::{millis_i64, nonce, outcome_unknown, pg_error, pool_error, prepared, retryable, row};
+use tokio_postgres::types::Type;
 
 /// Claims that lose a race with a concurrent writer re-run; this bounds the re-runs.
 const MAX_CLAIM_ROUNDS: usize = 16;
@@ -119,15 +120,11 @@ impl Claimer {
         let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
         let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
         let client = self.pool.get().await.map_err(pool_error)?;
-        // One claim binds scalars (claim_one.sql says why), a batch binds arrays.
-        let one = requests.len() == 1;
-        let sql = if one {
-            &self.queries.claim_one
-        } else {
-            &self.queries.claim
-        };
-        let statement = prepared(&client, sql, "claim").await?;
-        let result = if one {
+        // One claim binds scalars to a statement prepared once per connection (claim_one.sql
+        // says why). A batch binds arrays to a statement planned at every run, for its
+        // arrays and the table as they are (claim.sql says why), in one round trip.
+        let result = if requests.len() == 1 {
+            let statement = prepared(&client, &self.queries.claim_one, "claim").await?;
             client
                 .query(
                     &statement,
@@ -142,9 +139,15 @@ impl Claimer {
                 .await
         } else {
             client
-                .query(
-                    &statement,
-                    &[&ids, &fingerprints, &leases, &retentions, &holders],
+                .query_typed(
+                    &self.queries.claim,
+                    &[
+                        (&ids, Type::BYTEA_ARRAY),
+                        (&fingerprints, Type::BYTEA_ARRAY),
+                        (&leases, Type::INT8_ARRAY),
+                        (&retentions, Type::INT8_ARRAY),
+                        (&holders, Type::BYTEA_ARRAY),
+                    ],
                 )
                 .await
         };
