@@ -1004,6 +1004,7 @@ mod tests {
         let req = request("late-answer", Duration::from_secs(5));
         let slot = crate::slots::key_slot(store.record_key(&req.id).as_bytes());
         let mut busy = node(&routes.addresses()[usize::from(slot)]).await;
+        let mut probe = node(&routes.addresses()[usize::from(slot)]).await;
         let busy = tokio::spawn(async move {
             redis::cmd("EVAL")
                 .arg(
@@ -1014,7 +1015,15 @@ mod tests {
                 .query_async::<i64>(&mut busy)
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Wait until the master is inside the script: a PING gets no answer while it runs.
+        for round in 0.. {
+            let ping = redis::cmd("PING");
+            let answer = ping.query_async::<String>(&mut probe);
+            if tokio::time::timeout(Duration::from_millis(20), answer).await.is_err() {
+                break;
+            }
+            assert!(round < 500, "the long script never started");
+        }
         let before = routes.fallbacks();
         let holder = nonce().unwrap();
         let outcome = store.claim_with(&req, &holder).await.unwrap();
