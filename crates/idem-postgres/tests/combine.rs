@@ -8,6 +8,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::url;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,15 +22,6 @@ use tokio_postgres::{Client, NoTls};
 
 const SCHEMA: &str = "idem_combine";
 
-fn url() -> String {
-    std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "IDEM_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL, \
-             or point it at a server (postgres://user@127.0.0.1:port/db)"
-        )
-    })
-}
-
 struct Setup {
     store: Arc<PostgresStore>,
     table: String,
@@ -35,14 +29,7 @@ struct Setup {
 }
 
 async fn setup(pool_size: usize) -> Setup {
-    let table = format!(
-        "t{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let table = common::unique_name("t");
     let options = PostgresOptions {
         schema: SCHEMA.into(),
         table: table.clone(),

@@ -4,6 +4,9 @@
 //! Each check gets its own table, so checks run in parallel without seeing each other's
 //! records; time moves for real (the server's clock).
 
+mod common;
+
+use common::url;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -34,15 +37,6 @@ impl Harness for PgHarness {
             .expect("connect a second store to PostgreSQL");
         Some(Arc::new(store))
     }
-}
-
-fn url() -> String {
-    std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "IDEM_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL, \
-             or point it at a server (postgres://user@127.0.0.1:port/db)"
-        )
-    })
 }
 
 async fn harness() -> PgHarness {

@@ -9,20 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::url;
 use std::time::Duration;
 
 use idem_core::{ClaimOutcome, ClaimRequest, Error, FencingToken, Fingerprint, RecordId, Store};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use tokio_postgres::NoTls;
-
-fn url() -> String {
-    std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "IDEM_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL, \
-             or point it at a server (postgres://user@127.0.0.1:port/db)"
-        )
-    })
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Transition {
@@ -32,14 +26,7 @@ enum Transition {
 }
 
 async fn loser_names_the_winning_token(transition: Transition) {
-    let table = format!(
-        "t{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let table = common::unique_name("t");
     let options = PostgresOptions {
         schema: "idem_lease_lost".into(),
         table: table.clone(),

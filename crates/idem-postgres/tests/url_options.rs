@@ -4,29 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::url;
 use idem_core::{ClaimOutcome, ClaimRequest, Error, Fingerprint, RecordId, Store};
 use idem_postgres::{PostgresOptions, PostgresStore};
 use tokio_postgres::NoTls;
 
-fn url() -> String {
-    std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
-        panic!(
-            "IDEM_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL, \
-             or point it at a server (postgres://user@127.0.0.1:port/db)"
-        )
-    })
-}
-
 #[tokio::test]
 async fn the_url_names_the_schema_the_table_and_the_pool_size() {
-    let table = format!(
-        "u{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let table = common::unique_name("u");
     let separator = if url().contains('?') { '&' } else { '?' };
     let with_parameters = format!(
         "{}{separator}table={table}&schema=idem_url&pool_size=3",
