@@ -1019,7 +1019,10 @@ mod tests {
         for round in 0.. {
             let ping = redis::cmd("PING");
             let answer = ping.query_async::<String>(&mut probe);
-            if tokio::time::timeout(Duration::from_millis(20), answer).await.is_err() {
+            if tokio::time::timeout(Duration::from_millis(20), answer)
+                .await
+                .is_err()
+            {
                 break;
             }
             assert!(round < 500, "the long script never started");
