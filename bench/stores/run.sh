@@ -174,7 +174,10 @@ if [[ " $engines " == *" redis "* || " $engines " == *" cluster "* ]]; then
     n=$(awk -v r="$probe" -v s="$seconds" 'BEGIN { printf "%d", r * s }')
     bench_rate "$n" "$c" "$@"
   }
-  claim_lua=crates/idem-redis/scripts/claim.lua
+  # claim.lua as the store sends it: record.lua after its first line.
+  claim_lua=$work/claim.lua
+  scripts=crates/idem-redis/scripts
+  { head -n 1 "$scripts/claim.lua"; cat "$scripts/record.lua"; echo; tail -n +2 "$scripts/claim.lua"; } >"$claim_lua"
   load_script() {
     for port in "$@"; do
       redis-cli -h 127.0.0.1 -p "$port" -x SCRIPT LOAD <"$claim_lua" >/dev/null

@@ -2,100 +2,109 @@
 -- Claims one record: idem_core::record::decide and idem_core::record::claim, atomically, on
 -- the server's clock.
 --
--- KEYS[1]  the record's hash
+-- KEYS[1]  the record's key
 -- ARGV[1]  the request's fingerprint (hex)
 -- ARGV[2]  the lease (whole ms, >= 1)
 -- ARGV[3]  the retention (whole ms, >= 1)
 -- ARGV[4]  the holder nonce of this claim (hex, random per claim call)
 --
--- Replies, every number a decimal string:
+-- Replies:
+--   token                              an integer: acquired a fresh key, the lease running
+--                                      until token / 1000 + lease
 --   {'acquired', token, lease_until}
 --   {'took_over', token, lease_until, previous_token, previous_lease_until}
 --   {'completed', token, completed_at, expires_at, response}
 --   {'in_flight', lease_until}
 --   {'mismatch'}
---   {'corrupt', what}                  the stored hash does not decode; nothing changed
+--   {'corrupt', what}                  the stored record does not decode; nothing changed
+-- (numbers as integers).
 --
 -- A claim whose answer was lost (the connection failed after the script ran) is sent again
 -- with the same nonce: finding its own nonce on a record still in flight under a running
 -- lease, the script answers with the lease that claim took instead of "in flight".
 --
--- The common case, a fresh key, costs TIME, EXISTS, HSET and PEXPIREAT: the record is read
--- only when the key exists, and the numbers this call computes (integers below 2^53) are
--- formatted once each with '%d', which is exact for them (Lua's %d takes a C long) and
--- cheaper than '%.0f'. Numbers copied from a previous record keep '%.0f', which never
--- wraps whatever that record holds.
+-- The common case, a fresh key, costs TIME and one SET NX that writes the record's short
+-- form (see record.lua) with its expiry: the claim's arguments and the server's TIME as it
+-- answered, joined, so only the expiry is computed and formatted, and the reply is a single
+-- integer. When the key exists, the same SET (with GET) answers with the record instead.
 local key = KEYS[1]
 local fingerprint, holder = ARGV[1], ARGV[4]
 local lease, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
-
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
--- The token of the record this claim replaces, and what it takes over.
-local previous, taken_over_until
-local exists = redis.call('EXISTS', key) == 1
-if exists then
-  local f = redis.call('HMGET', key, 'fingerprint', 'token', 'state', 'lease_until',
-    'expires_at', 'holder', 'taken_over_token', 'taken_over_lease_until', 'settled_at',
-    'response')
-  local token, lease_until, expires_at = tonumber(f[2]), tonumber(f[4]), tonumber(f[5])
-  local state = f[3]
-  if not (f[1] and token and lease_until and expires_at)
-      or (state ~= 'in_flight' and state ~= 'completed' and state ~= 'released') then
-    return {'corrupt', 'missing or malformed fields'}
-  end
-  if expires_at <= now or state == 'released' then
-    previous = token
-  elseif state == 'in_flight' and f[6] == holder and lease_until > now then
-    -- This claim's own earlier attempt, whose answer was lost.
-    if f[7] and f[8] then
-      return {'took_over', f[2], f[4], f[7], f[8]}
-    end
-    return {'acquired', f[2], f[4]}
-  elseif f[1] ~= fingerprint then
-    return {'mismatch'}
-  elseif state == 'completed' then
-    if not (tonumber(f[9]) and f[10]) then
-      return {'corrupt', 'completed record without settled_at or response'}
-    end
-    return {'completed', f[2], f[9], f[5], f[10]}
-  elseif lease_until > now then
-    return {'in_flight', f[4]}
-  else
-    previous = token
-    taken_over_until = lease_until
-  end
+if #fingerprint ~= 64 or #holder ~= 32 then
+  return redis.error_reply('idem: a fingerprint is 64 hex digits, a holder nonce 32')
 end
 
-local token = now * 1000
-if previous and previous + 1 > token then
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
+local stored = redis.pcall('SET', key,
+  'c ' .. fingerprint .. ' ' .. holder .. ' ' .. time[1] .. ' ' .. time[2] .. ' ' .. ARGV[2]
+    .. ' ' .. ARGV[3],
+  'NX', 'GET', 'PXAT', format('%d', now + lease + retention))
+if not stored then
+  return now * 1000
+end
+
+-- The key exists (SET ... GET answered with its value, or refused a hash of an earlier
+-- version): decide from the record it holds.
+local r
+if type(stored) == 'string' then
+  r = from_string(stored)
+elseif string.sub(stored.err, 1, 9) == 'WRONGTYPE' then
+  r = from_hash(key)
+else
+  return stored
+end
+-- The token of the record this claim replaces, and what it takes over:
+local previous, taken_over_until
+local token, lease_until, expires_at, state = r.token, r.lease_until, r.expires_at, r.state
+if not (r.fingerprint and token and lease_until and expires_at)
+    or (state ~= 'in_flight' and state ~= 'completed' and state ~= 'released') then
+  return {'corrupt', 'missing or malformed fields'}
+end
+if expires_at <= now or state == 'released' then
+  previous = token
+elseif state == 'in_flight' and r.holder == holder and lease_until > now then
+  -- This claim's own earlier attempt, whose answer was lost.
+  if r.taken_over_token and r.taken_over_lease_until then
+    return {'took_over', token, lease_until, r.taken_over_token, r.taken_over_lease_until}
+  end
+  return {'acquired', token, lease_until}
+elseif r.fingerprint ~= fingerprint then
+  return {'mismatch'}
+elseif state == 'completed' then
+  if not (r.settled_at and r.response) then
+    return {'corrupt', 'completed record without settled_at or response'}
+  end
+  return {'completed', token, r.settled_at, expires_at, r.response}
+elseif lease_until > now then
+  return {'in_flight', lease_until}
+else
+  previous = token
+  taken_over_until = lease_until
+end
+
+token = now * 1000
+if previous + 1 > token then
   token = previous + 1
 end
 if token >= 9007199254740992 then
   return redis.error_reply('idem: fencing token beyond 2^53')
 end
-local lease_until = now + lease
-local expires_at = lease_until + retention
-local format = string.format
-local token_s, lease_until_s = format('%d', token), format('%d', lease_until)
-local expires_at_s = format('%d', expires_at)
-
-if exists then
-  redis.call('DEL', key)
-end
+lease_until = now + lease
+local claimed = {
+  state = 'in_flight',
+  token = token,
+  lease_until = lease_until,
+  retention = retention,
+  expires_at = lease_until + retention,
+  fingerprint = fingerprint,
+  holder = holder,
+}
 if taken_over_until then
-  local previous_s = format('%.0f', previous)
-  local taken_over_until_s = format('%.0f', taken_over_until)
-  redis.call('HSET', key, 'fingerprint', fingerprint, 'token', token_s, 'state', 'in_flight',
-    'lease_until', lease_until_s, 'retention', format('%d', retention),
-    'expires_at', expires_at_s, 'holder', holder,
-    'taken_over_token', previous_s, 'taken_over_lease_until', taken_over_until_s)
-  redis.call('PEXPIREAT', key, expires_at_s)
-  return {'took_over', token_s, lease_until_s, previous_s, taken_over_until_s}
+  claimed.taken_over_token = previous
+  claimed.taken_over_lease_until = taken_over_until
+  store(key, claimed)
+  return {'took_over', token, lease_until, previous, taken_over_until}
 end
-redis.call('HSET', key, 'fingerprint', fingerprint, 'token', token_s, 'state', 'in_flight',
-  'lease_until', lease_until_s, 'retention', format('%d', retention),
-  'expires_at', expires_at_s, 'holder', holder)
-redis.call('PEXPIREAT', key, expires_at_s)
-return {'acquired', token_s, lease_until_s}
+store(key, claimed)
+return {'acquired', token, lease_until}

@@ -2,7 +2,7 @@
 -- Completes a held record: idem_core::record::complete, atomically, on the server's clock,
 -- then publishes that the record settled.
 --
--- KEYS[1]  the record's hash
+-- KEYS[1]  the record's key
 -- ARGV[1]  the holder's token (decimal)
 -- ARGV[2]  the response bytes
 -- ARGV[3]  the nonce of this complete call (hex)
@@ -14,36 +14,38 @@
 -- A call sent again after its answer was lost finds its own nonce on the record it completed
 -- and answers 'ok' again.
 local key = KEYS[1]
-local token, nonce = ARGV[1], ARGV[3]
+local token, nonce = tonumber(ARGV[1]), ARGV[3]
+
+if #nonce ~= 32 then
+  return redis.error_reply('idem: a nonce is 32 hex digits')
+end
 
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
 
-local function int(n)
-  return string.format('%.0f', n)
-end
-
-local f = redis.call('HMGET', key, 'token', 'state', 'expires_at', 'retention', 'settled_by')
-if not f[1] and redis.call('EXISTS', key) == 0 then
+local r = load(key)
+if not r then
   return {'lost', ''}
 end
-local expires_at, retention = tonumber(f[3]), tonumber(f[4])
-if not (f[1] and f[2] and expires_at and retention) then
+if not (r.token and r.state and r.fingerprint and r.lease_until and r.expires_at
+    and r.retention) then
   return {'corrupt', 'missing or malformed fields'}
 end
-if expires_at <= now then
+if r.expires_at <= now then
   return {'lost', ''}
 end
-if f[1] ~= token or f[2] ~= 'in_flight' then
-  if f[1] == token and f[2] == 'completed' and f[5] == nonce then
+if r.token ~= token or r.state ~= 'in_flight' then
+  if r.token == token and r.state == 'completed' and r.settled_by == nonce then
     return {'ok'}
   end
-  return {'lost', f[1]}
+  return {'lost', r.token}
 end
 
-expires_at = now + retention
-redis.call('HSET', key, 'state', 'completed', 'response', ARGV[2], 'settled_at', int(now),
-  'expires_at', int(expires_at), 'settled_by', nonce)
-redis.call('PEXPIREAT', key, int(expires_at))
+r.state = 'completed'
+r.response = ARGV[2]
+r.settled_at = now
+r.expires_at = now + r.retention
+r.settled_by = nonce
+store(key, r)
 redis.call(ARGV[4], ARGV[5], ARGV[6])
 return {'ok'}

@@ -2,7 +2,7 @@
 -- Deletes a record whatever its state (an operator's purge), then publishes that it settled
 -- so that its waiters read it again.
 --
--- KEYS[1]  the record's hash
+-- KEYS[1]  the record's key
 -- ARGV[1]  PUBLISH or SPUBLISH
 -- ARGV[2]  the channel
 -- ARGV[3]  the message (the record id, hex)
@@ -11,9 +11,10 @@
 local key = KEYS[1]
 
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now = tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
 
-local expires_at = tonumber(redis.call('HGET', key, 'expires_at'))
+local r = load(key)
+local expires_at = r and r.expires_at
 local live = 0
 if redis.call('DEL', key) == 1 and (expires_at == nil or expires_at > now) then
   live = 1

@@ -39,16 +39,22 @@
 //!
 //! # Key layout
 //!
-//! One hash per record at `<prefix>:{<64 hex digits of the record id>}`. The braces make
+//! One key per record at `<prefix>:{<64 hex digits of the record id>}`. The braces make
 //! the id the hash tag, so in a cluster the record's key and its notification channel live
-//! in one slot. Fields: `fingerprint` (hex), `token`, `state` (`in_flight`, `completed`,
-//! `released`), `lease_until`, `retention`, `expires_at` (milliseconds since the epoch, or
-//! for `retention` a duration), `settled_at`, `response` (the stored bytes), `holder` (the
-//! claim's nonce), `settled_by` (the settling call's nonce) and, after a takeover,
-//! `taken_over_token` and `taken_over_lease_until`. Every write sets `PEXPIREAT` to
-//! `expires_at`, so [`purge_expired`](idem_core::Store::purge_expired) has nothing to do
-//! and returns 0. A released record stays as a tombstone that keeps its token for the
-//! retention, so tokens keep increasing.
+//! in one slot.
+//!
+//! A record is one string. A claim on a fresh key writes a short form with a single
+//! `SET NX`: `c <fingerprint> <holder> <seconds> <microseconds> <lease> <retention>`, the
+//! claim's arguments and the server's `TIME` (state in flight, token `now_ms * 1000`).
+//! Every other write stores the full form: `f`, the state, the fingerprint and the holder
+//! and settling nonces (hex, fixed widths), seven numbers as big-endian doubles (`token`,
+//! `lease_until`, `retention`, `expires_at`, `settled_at` and, after a takeover,
+//! `taken_over_token` and `taken_over_lease_until`; milliseconds since the epoch, or for
+//! `retention` a duration), then the response bytes. `scripts/record.lua` reads and writes
+//! both, and reads the hashes (one field per value) of earlier versions. Every write sets
+//! the key's expiry to `expires_at`, so [`purge_expired`](idem_core::Store::purge_expired)
+//! has nothing to do and returns 0. A released record stays as a tombstone that keeps its
+//! token for the retention, so tokens keep increasing.
 //!
 //! # Scripts
 //!

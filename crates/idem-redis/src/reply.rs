@@ -69,9 +69,21 @@ fn corrupt(id: &RecordId, items: &[Vec<u8>]) -> Error {
     Error::corrupt(format!("redis: record {id} does not decode: {what}"))
 }
 
-/// The reply of `claim.lua`.
-pub(crate) fn claim(id: &RecordId, value: Value) -> Result<ClaimOutcome, Error> {
+/// The reply of `claim.lua`, which ran with a lease of `lease_ms`.
+pub(crate) fn claim(id: &RecordId, lease_ms: u64, value: Value) -> Result<ClaimOutcome, Error> {
     const CONTEXT: &str = "claim";
+    if let Value::Int(token) = value {
+        // A fresh key: the token is the server's time in ms times 1000, and the lease runs
+        // from that time.
+        return match u64::try_from(token) {
+            Ok(token) if token >= 1000 => Ok(ClaimOutcome::Acquired(Lease {
+                id: *id,
+                token: FencingToken::new(token),
+                lease_until: Timestamp::from_millis((token / 1000).saturating_add(lease_ms)),
+            })),
+            _ => Err(unexpected(CONTEXT, format!("token {token}"))),
+        };
+    }
     let mut items = items(CONTEXT, value)?;
     let lease = |items: &[Vec<u8>]| -> Result<Lease, Error> {
         Ok(Lease {
@@ -245,7 +257,7 @@ mod tests {
     #[test]
     fn claim_replies_decode() {
         assert_eq!(
-            claim(&id(), bulk(&[b"acquired", b"17", b"1000"])).unwrap(),
+            claim(&id(), 30_000, bulk(&[b"acquired", b"17", b"1000"])).unwrap(),
             ClaimOutcome::Acquired(Lease {
                 id: id(),
                 token: FencingToken::new(17),
@@ -253,37 +265,54 @@ mod tests {
             })
         );
         assert!(matches!(
-            claim(&id(), bulk(&[b"took_over", b"18", b"2000", b"17", b"1000"])).unwrap(),
+            claim(&id(), 30_000, bulk(&[b"took_over", b"18", b"2000", b"17", b"1000"])).unwrap(),
             ClaimOutcome::TookOver { previous_token, .. } if previous_token == FencingToken::new(17)
         ));
-        match claim(&id(), bulk(&[b"completed", b"17", b"5", b"9", b"\0\xff"])).unwrap() {
+        match claim(
+            &id(),
+            30_000,
+            bulk(&[b"completed", b"17", b"5", b"9", b"\0\xff"]),
+        )
+        .unwrap()
+        {
             ClaimOutcome::Completed(c) => assert_eq!(c.response, &b"\0\xff"[..]),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            claim(&id(), bulk(&[b"mismatch"])).unwrap(),
+            claim(&id(), 30_000, bulk(&[b"mismatch"])).unwrap(),
             ClaimOutcome::Mismatch
+        );
+        // A fresh key's reply: the token alone, the lease running from its time.
+        assert_eq!(
+            claim(&id(), 30_000, Value::Int(1_764_000_000_123_000)).unwrap(),
+            ClaimOutcome::Acquired(Lease {
+                id: id(),
+                token: FencingToken::new(1_764_000_000_123_000),
+                lease_until: Timestamp::from_millis(1_764_000_000_123 + 30_000)
+            })
         );
     }
 
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         assert!(matches!(
-            claim(&id(), bulk(&[b"acquired", b"x", b"1"])),
+            claim(&id(), 30_000, bulk(&[b"acquired", b"x", b"1"])),
             Err(Error::Corrupt { .. })
         ));
         assert!(matches!(
-            claim(&id(), bulk(&[b"corrupt", b"missing fields"])),
+            claim(&id(), 30_000, bulk(&[b"corrupt", b"missing fields"])),
             Err(Error::Corrupt { .. })
         ));
         assert!(matches!(
-            claim(&id(), bulk(&[b"acquired"])),
+            claim(&id(), 30_000, bulk(&[b"acquired"])),
             Err(Error::Backend { .. })
         ));
-        assert!(matches!(
-            claim(&id(), Value::Int(1)),
-            Err(Error::Backend { .. })
-        ));
+        for token in [-1, 0, 1, 999] {
+            assert!(matches!(
+                claim(&id(), 30_000, Value::Int(token)),
+                Err(Error::Backend { .. })
+            ));
+        }
         assert!(matches!(
             record(
                 &id(),

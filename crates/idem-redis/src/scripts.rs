@@ -1,7 +1,9 @@
 //! The Lua scripts, one per transition, each with the small function that runs it.
 //!
 //! Scripts run with `EVALSHA`; [`redis::Script`] loads a script the server does not know
-//! (`NOSCRIPT`) and sends it again. Every script reads the server's clock with `TIME`.
+//! (`NOSCRIPT`) and sends it again. Every script reads the server's clock with `TIME`, and
+//! starts with `record.lua`, which reads a record stored as a hash or as the string a claim
+//! on a fresh key writes.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -13,17 +15,27 @@ use crate::conn::Conn;
 use crate::keys::Keys;
 use crate::slots::Routes;
 
+/// `record.lua`, which every script starts with: reading a record in either layout.
+const RECORD: &str = include_str!("../scripts/record.lua");
+
+/// A script's source with [`RECORD`] after its first line (the `#!lua` line, which must
+/// stay first).
+fn with_record(script: &str) -> Script {
+    let (shebang, body) = script.split_once('\n').unwrap_or((script, ""));
+    Script::new(&format!("{shebang}\n{RECORD}\n{body}"))
+}
+
 static CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/claim.lua")));
+    LazyLock::new(|| with_record(include_str!("../scripts/claim.lua")));
 static COMPLETE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/complete.lua")));
+    LazyLock::new(|| with_record(include_str!("../scripts/complete.lua")));
 static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/release.lua")));
+    LazyLock::new(|| with_record(include_str!("../scripts/release.lua")));
 static RENEW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/renew.lua")));
-static GET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../scripts/get.lua")));
+    LazyLock::new(|| with_record(include_str!("../scripts/renew.lua")));
+static GET: LazyLock<Script> = LazyLock::new(|| with_record(include_str!("../scripts/get.lua")));
 static REMOVE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../scripts/remove.lua")));
+    LazyLock::new(|| with_record(include_str!("../scripts/remove.lua")));
 
 /// Durations beyond 2^50 ms (about 35,000 years) are taken as 2^50 ms, so that every time
 /// the scripts compute stays below 2^53, where Lua's numbers are exact.

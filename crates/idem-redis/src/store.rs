@@ -37,7 +37,7 @@ const RETRY_DELAY: Duration = Duration::from_millis(50);
 /// Requests in flight at once for batch claims and listings on a cluster.
 const CONCURRENCY: usize = 64;
 
-/// Records in Redis or Redis Cluster: one hash per record, one Lua script per transition.
+/// Records in Redis or Redis Cluster: one key per record, one Lua script per transition.
 ///
 /// See the [crate documentation](crate) for the key layout, the scripts and the
 /// notification design.
@@ -261,7 +261,7 @@ impl RedisStore {
                 }
             })
             .await?;
-        reply::claim(&request.id, value)
+        reply::claim(&request.id, scripts::millis(request.lease), value)
     }
 
     /// Standalone batch claim: one pipeline of `EVALSHA`s, which the server runs in order.
@@ -321,7 +321,13 @@ impl RedisStore {
                         again_from = Some(i);
                         break;
                     }
-                    value => outcomes[i] = Some(reply::claim(&requests[i].id, value)?),
+                    value => {
+                        outcomes[i] = Some(reply::claim(
+                            &requests[i].id,
+                            scripts::millis(requests[i].lease),
+                            value,
+                        )?);
+                    }
                 }
             }
             from = again_from.unwrap_or(requests.len());
@@ -407,9 +413,7 @@ impl RedisStore {
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
-                    .arg(1000)
-                    .arg("TYPE")
-                    .arg("hash");
+                    .arg(1000);
                 let target = &target;
                 let scan = &scan;
                 let value = self

@@ -153,41 +153,285 @@ async fn cluster_keys_expire_at_the_records_expiry() {
     keys_expire_at_the_records_expiry(CLUSTER).await;
 }
 
-/// A record is one hash under `<prefix>:{<hex id>}`, its fields readable with `HGETALL`.
+/// A record is one string under `<prefix>:{<hex id>}`: a claim on a fresh key writes the
+/// short form, every later write the full one (fixed fields, then the response).
 #[tokio::test]
-async fn a_record_is_one_hash_under_its_hash_tagged_key() {
+async fn a_record_is_one_string_under_its_hash_tagged_key() {
     let store = common::connect(STANDALONE).await;
     let mut conn = raw(STANDALONE).await;
     let req = request("layout");
     let lease = *store.claim(&req).await.unwrap().lease().unwrap();
-    store
-        .complete(&req.id, lease.token, Bytes::from_static(b"the answer"))
-        .await
-        .unwrap();
     let key = store.record_key(&req.id);
     assert_eq!(
         key,
         format!("{}:{{{}}}", store.key_prefix(), req.id.to_hex())
     );
-    let fields: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+    let fingerprint = hex(req.fingerprint.as_bytes());
+    let claimed = get_string(&mut conn, &key).await;
+    let fields: Vec<&str> = claimed.split(' ').collect();
+    assert_eq!(fields.len(), 7, "{claimed}");
+    assert_eq!(fields[0], "c");
+    assert_eq!(fields[1], fingerprint);
+    assert_eq!(fields[2].len(), 32);
+    let (secs, micros): (u64, u64) = (fields[3].parse().unwrap(), fields[4].parse().unwrap());
+    assert_eq!((secs * 1000 + micros / 1000) * 1000, lease.token.get());
+    assert_eq!(fields[5], req.lease.as_millis().to_string());
+    assert_eq!(fields[6], req.retention.as_millis().to_string());
+    let holder = fields[2].to_owned();
+
+    store
+        .complete(&req.id, lease.token, Bytes::from_static(b"the answer\n\0 "))
+        .await
+        .unwrap();
+    let record = store.get(&req.id).await.unwrap().unwrap();
+    let RecordState::Completed { completed_at, .. } = record.state else {
+        panic!("{record:?}");
+    };
+    let full = get_bytes(&mut conn, &key).await;
+    assert_eq!(&full[..2], b"fc");
+    assert_eq!(&full[2..66], fingerprint.as_bytes());
+    assert_eq!(&full[66..98], holder.as_bytes());
+    let settled_by = &full[98..130];
+    assert!(
+        settled_by.iter().all(u8::is_ascii_hexdigit),
+        "{settled_by:?}"
+    );
+    assert_ne!(settled_by, holder.as_bytes());
+    let numbers: Vec<f64> = full[130..186]
+        .chunks_exact(8)
+        .map(|b| f64::from_be_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        numbers,
+        [
+            lease.token.get() as f64,
+            lease.lease_until.as_millis() as f64,
+            req.retention.as_millis() as f64,
+            record.expires_at.as_millis() as f64,
+            completed_at.as_millis() as f64,
+            -1.0,
+            -1.0,
+        ]
+    );
+    assert_eq!(&full[186..], b"the answer\n\0 ");
+}
+
+/// A record in the full form, in `state` with `token`; every other number 1.
+fn full_form(state: u8, token: f64) -> Vec<u8> {
+    let mut record = vec![b'f', state];
+    record.extend_from_slice(&[b'a'; 64]);
+    record.extend_from_slice(&[b'b'; 32]);
+    record.extend_from_slice(&[b'-'; 32]);
+    record.extend_from_slice(&token.to_be_bytes());
+    for _ in 0..6 {
+        record.extend_from_slice(&1f64.to_be_bytes());
+    }
+    record
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn get_string(conn: &mut Raw, key: &str) -> String {
+    redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+}
+
+async fn get_bytes(conn: &mut Raw, key: &str) -> Vec<u8> {
+    redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+}
+
+async fn key_type(conn: &mut Raw, key: &str) -> String {
+    redis::cmd("TYPE").arg(key).query_async(conn).await.unwrap()
+}
+
+/// The server's time in ms, as the scripts read it.
+async fn server_millis(conn: &mut Raw, key: &str) -> u64 {
+    // TIME on the key's node: the scripts' clock.
+    let (secs, micros): (u64, u64) = redis::Script::new("return redis.call('TIME')")
+        .key(key)
+        .invoke_async(conn)
+        .await
+        .unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// A claim on a fresh key stores the short form; every operation reads it as the record it
+/// is, and the first write that changes it stores the full form.
+async fn a_fresh_claim_is_one_string_every_operation_reads(var: &str) {
+    let store = common::connect(var).await;
+    let mut conn = raw(var).await;
+    for next in ["complete", "release", "renew", "remove", "claim"] {
+        let req = request(&format!("string-{next}"));
+        let key = store.record_key(&req.id);
+        let lease = *store.claim(&req).await.unwrap().lease().unwrap();
+        let stored = get_string(&mut conn, &key).await;
+        assert!(stored.starts_with("c "), "{stored}");
+
+        // What get reads from the string is what the claim answered.
+        let record = store.get(&req.id).await.unwrap().unwrap();
+        assert_eq!(record.token, lease.token, "{next}");
+        assert_eq!(record.fingerprint, req.fingerprint);
+        assert_eq!(record.retention, req.retention);
+        assert_eq!(
+            record.state,
+            RecordState::InFlight {
+                lease_until: lease.lease_until
+            }
+        );
+        assert_eq!(
+            record.expires_at,
+            lease.lease_until.saturating_add(req.retention)
+        );
+        assert_eq!(
+            pexpiretime(&mut conn, &key).await,
+            record.expires_at.as_millis() as i64
+        );
+        // A stale token changes nothing.
+        let stale = idem_core::FencingToken::new(lease.token.get() - 1);
+        assert!(matches!(
+            store.complete(&req.id, stale, Bytes::new()).await,
+            Err(Error::LeaseLost { .. })
+        ));
+        assert_eq!(get_string(&mut conn, &key).await, stored, "{next}");
+
+        match next {
+            "complete" => {
+                store
+                    .complete(&req.id, lease.token, Bytes::from_static(b"done"))
+                    .await
+                    .unwrap();
+                assert!(get_bytes(&mut conn, &key).await.starts_with(b"f"));
+                match store.claim(&req).await.unwrap() {
+                    ClaimOutcome::Completed(c) => {
+                        assert_eq!(c.token, lease.token);
+                        assert_eq!(c.response, &b"done"[..]);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            "release" => {
+                store.release(&req.id, lease.token).await.unwrap();
+                assert!(get_bytes(&mut conn, &key).await.starts_with(b"f"));
+                let again = *store.claim(&req).await.unwrap().lease().unwrap();
+                assert!(again.token > lease.token);
+            }
+            "renew" => {
+                let until = store
+                    .renew(&req.id, lease.token, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                assert!(until > lease.lease_until);
+                assert!(get_bytes(&mut conn, &key).await.starts_with(b"f"));
+                let record = store.get(&req.id).await.unwrap().unwrap();
+                assert_eq!(record.token, lease.token);
+                assert_eq!(record.state, RecordState::InFlight { lease_until: until });
+                store
+                    .complete(&req.id, lease.token, Bytes::new())
+                    .await
+                    .unwrap();
+            }
+            "remove" => {
+                assert!(store.inspector().unwrap().remove(&req.id).await.unwrap());
+                assert_eq!(key_type(&mut conn, &key).await, "none");
+            }
+            _ => {
+                // Other claims of the id: in flight, or a mismatch for another body.
+                assert_eq!(
+                    store.claim(&req).await.unwrap(),
+                    ClaimOutcome::InFlight {
+                        lease_until: lease.lease_until
+                    }
+                );
+                let other = ClaimRequest {
+                    fingerprint: Fingerprint::of_bytes(b"another body"),
+                    ..req.clone()
+                };
+                assert_eq!(store.claim(&other).await.unwrap(), ClaimOutcome::Mismatch);
+                assert_eq!(get_string(&mut conn, &key).await, stored);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn standalone_a_fresh_claim_is_one_string_every_operation_reads() {
+    a_fresh_claim_is_one_string_every_operation_reads(STANDALONE).await;
+}
+
+#[tokio::test]
+async fn cluster_a_fresh_claim_is_one_string_every_operation_reads() {
+    a_fresh_claim_is_one_string_every_operation_reads(CLUSTER).await;
+}
+
+/// An in-flight record stored as a hash, as earlier versions stored every record, keeps
+/// working: other claims see it in flight, its holder completes it (which stores it as a
+/// string), and it replays.
+async fn records_stored_as_hashes_keep_working(var: &str) {
+    let store = common::connect(var).await;
+    let mut conn = raw(var).await;
+    let req = request("earlier-hash");
+    let key = store.record_key(&req.id);
+    let now = server_millis(&mut conn, &key).await;
+    let (token, lease_until, retention) = (now * 1000, now + 5_000, 30_000u64);
+    let fingerprint = hex(req.fingerprint.as_bytes());
+    let _: () = redis::cmd("HSET")
         .arg(&key)
+        .arg("fingerprint")
+        .arg(&fingerprint)
+        .arg("token")
+        .arg(token)
+        .arg("state")
+        .arg("in_flight")
+        .arg("lease_until")
+        .arg(lease_until)
+        .arg("retention")
+        .arg(retention)
+        .arg("expires_at")
+        .arg(lease_until + retention)
+        .arg("holder")
+        .arg("00112233445566778899aabbccddeeff")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(fields["state"], b"completed");
-    assert_eq!(fields["token"], lease.token.to_string().as_bytes());
-    assert_eq!(fields["response"], b"the answer");
-    assert_eq!(fields["fingerprint"].len(), 64);
-    for field in [
-        "lease_until",
-        "retention",
-        "expires_at",
-        "settled_at",
-        "holder",
-        "settled_by",
-    ] {
-        assert!(fields.contains_key(field), "{field}");
+    let _: () = redis::cmd("PEXPIREAT")
+        .arg(&key)
+        .arg(lease_until + retention)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let lease_until = idem_core::Timestamp::from_millis(lease_until);
+    assert_eq!(
+        store.claim(&req).await.unwrap(),
+        ClaimOutcome::InFlight { lease_until }
+    );
+    let record = store.get(&req.id).await.unwrap().unwrap();
+    assert_eq!(record.token.get(), token);
+    assert_eq!(record.state, RecordState::InFlight { lease_until });
+    let token = idem_core::FencingToken::new(token);
+    store
+        .complete(&req.id, token, Bytes::from_static(b"kept"))
+        .await
+        .unwrap();
+    match store.claim(&req).await.unwrap() {
+        ClaimOutcome::Completed(c) => {
+            assert_eq!(c.token, token);
+            assert_eq!(c.response, &b"kept"[..]);
+        }
+        other => panic!("{other:?}"),
     }
+    assert_eq!(key_type(&mut conn, &key).await, "string");
+}
+
+#[tokio::test]
+async fn standalone_records_stored_as_hashes_keep_working() {
+    records_stored_as_hashes_keep_working(STANDALONE).await;
+}
+
+#[tokio::test]
+async fn cluster_records_stored_as_hashes_keep_working() {
+    records_stored_as_hashes_keep_working(CLUSTER).await;
 }
 
 /// A waiter in one replica is woken when another replica completes, releases or removes the
@@ -491,7 +735,7 @@ async fn a_lost_batch_answer_is_recovered() {
     );
 }
 
-/// A hash that does not decode is reported as corrupt, never replayed, never a panic.
+/// A record that does not decode is reported as corrupt, never replayed, never a panic.
 async fn corrupt_records_are_reported(var: &str) {
     let store = common::connect(var).await;
     let mut conn = raw(var).await;
@@ -549,6 +793,57 @@ async fn corrupt_records_are_reported(var: &str) {
         .unwrap();
     assert_eq!(fields, vec![("response".to_owned(), "r".to_owned())]);
     assert!(store.inspector().unwrap().remove(&req.id).await.unwrap());
+
+    // A string that is not a record the way a fresh claim writes it: reported, and left
+    // as it is by every operation but the operator's remove.
+    for garbage in [
+        &b"c 1 2 3"[..],
+        b"c x 1 1 1 ab cd",
+        b"not a record",
+        b"f",
+        &full_form(b'x', 1.0),
+        // Tokens that are not whole numbers below 2^53.
+        &full_form(b'c', 1.5),
+        &full_form(b'c', -2.0),
+        &full_form(b'i', f64::NAN),
+        &full_form(b'i', 2f64.powi(53)),
+    ] {
+        let req = request("corrupt-string");
+        let key = store.record_key(&req.id);
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(garbage)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let token = idem_core::FencingToken::new(1);
+        assert!(
+            matches!(store.claim(&req).await, Err(Error::Corrupt { .. })),
+            "{garbage:?}"
+        );
+        assert!(matches!(
+            store.get(&req.id).await,
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.complete(&req.id, token, Bytes::new()).await,
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.release(&req.id, token).await,
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.renew(&req.id, token, Duration::from_secs(1)).await,
+            Err(Error::Corrupt { .. })
+        ));
+        assert_eq!(get_bytes(&mut conn, &key).await, garbage);
+        assert!(store.inspector().unwrap().remove(&req.id).await.unwrap());
+        assert!(matches!(
+            store.claim(&req).await.unwrap(),
+            ClaimOutcome::Acquired(_)
+        ));
+    }
 }
 
 #[tokio::test]
