@@ -111,6 +111,10 @@ impl Claimer {
         requests: &[&ClaimRequest],
     ) -> Result<Vec<Option<ClaimResult>>, Error> {
         let holder = nonce()?;
+        let client = self.pool.get().await.map_err(pool_error)?;
+        if let [request] = requests {
+            return self.claim_single(client, request, &holder).await;
+        }
         let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
         let fingerprints: Vec<&[u8]> = requests
             .iter()
@@ -119,46 +123,23 @@ impl Claimer {
         let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
         let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
         let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
-        let client = self.pool.get().await.map_err(pool_error)?;
-        // One claim binds scalars to a statement prepared once per connection (claim_one.sql
-        // says why). A batch binds arrays to a statement planned at every run, for its
-        // arrays and the table as they are (claim.sql says why), in one round trip.
-        let result = if requests.len() == 1 {
-            let statement = prepared(&client, &self.queries.claim_one, "claim").await?;
-            client
-                .query(
-                    &statement,
-                    &[
-                        &ids[0],
-                        &fingerprints[0],
-                        &leases[0],
-                        &retentions[0],
-                        &holders[0],
-                    ],
-                )
-                .await
-        } else {
-            client
-                .query_typed(
-                    &self.queries.claim,
-                    &[
-                        (&ids, Type::BYTEA_ARRAY),
-                        (&fingerprints, Type::BYTEA_ARRAY),
-                        (&leases, Type::INT8_ARRAY),
-                        (&retentions, Type::INT8_ARRAY),
-                        (&holders, Type::BYTEA_ARRAY),
-                    ],
-                )
-                .await
-        };
+        // A batch binds arrays to a statement planned at every run, for its arrays and the
+        // table as they are (claim.sql says why), in one round trip.
+        let result = client
+            .query_typed(
+                &self.queries.claim,
+                &[
+                    (&ids, Type::BYTEA_ARRAY),
+                    (&fingerprints, Type::BYTEA_ARRAY),
+                    (&leases, Type::INT8_ARRAY),
+                    (&retentions, Type::INT8_ARRAY),
+                    (&holders, Type::BYTEA_ARRAY),
+                ],
+            )
+            .await;
         let rows = match result {
             Ok(rows) => rows,
-            Err(e) if retryable(&e) => return Ok(requests.iter().map(|_| None).collect()),
-            Err(e) if outcome_unknown(&e) => {
-                drop(client);
-                return self.resolve_lost_claims(requests, &holder, e).await;
-            }
-            Err(e) => return Err(pg_error("claim", e)),
+            Err(e) => return self.claim_failed(client, requests, &holder, e).await,
         };
         let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> =
             HashMap::with_capacity(rows.len());
@@ -176,6 +157,71 @@ impl Claimer {
                 Ok(row) => existing_outcome(&row.record, request, row.now).map(Ok),
             })
             .collect())
+    }
+
+    /// Claims one id with statements prepared once per connection, scalars bound
+    /// (claim_one.sql says why): one statement takes an id without a row or reads the row
+    /// it has, which answers a replay, a lease in flight or a mismatch without a lock or a
+    /// write. Only a row the claim may take over costs a second statement
+    /// (take_over_one.sql), which decides again under the row's lock. `None` when the row
+    /// changed between the statements or appeared after the first one's snapshot: the
+    /// caller claims again.
+    async fn claim_single(
+        &self,
+        client: deadpool_postgres::Client,
+        request: &ClaimRequest,
+        holder: &[u8; 16],
+    ) -> Result<Vec<Option<ClaimResult>>, Error> {
+        let id = &request.id.as_bytes()[..];
+        let fingerprint = &request.fingerprint.as_bytes()[..];
+        let (lease, retention) = (millis_i64(request.lease), millis_i64(request.retention));
+        let holder_bytes = &holder[..];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&id, &fingerprint, &lease, &retention, &holder_bytes];
+        let outcome = |row: &tokio_postgres::Row| match claim_row(row) {
+            Err(e) => Some(Err(e)),
+            Ok(row) if row.claimed => Some(Ok(claimed_outcome(&row.record, row.taken_over))),
+            Ok(row) => existing_outcome(&row.record, request, row.now).map(Ok),
+        };
+
+        let statement = prepared(&client, &self.queries.claim_one, "claim").await?;
+        let rows = match client.query(&statement, &params).await {
+            Ok(rows) => rows,
+            Err(e) => return self.claim_failed(client, &[request], holder, e).await,
+        };
+        let Some(row) = rows.first() else {
+            return Ok(vec![None]);
+        };
+        if let Some(result) = outcome(row) {
+            return Ok(vec![Some(result)]);
+        }
+
+        // The row may be taken over.
+        let statement = prepared(&client, &self.queries.take_over_one, "take over").await?;
+        let rows = match client.query(&statement, &params).await {
+            Ok(rows) => rows,
+            Err(e) => return self.claim_failed(client, &[request], holder, e).await,
+        };
+        Ok(vec![rows.first().and_then(outcome)])
+    }
+
+    /// A claim statement failed: a passing failure has the caller claim again; a lost
+    /// connection leaves the outcome unknown until the claim's nonce is read back.
+    async fn claim_failed(
+        &self,
+        client: deadpool_postgres::Client,
+        requests: &[&ClaimRequest],
+        holder: &[u8; 16],
+        e: tokio_postgres::Error,
+    ) -> Result<Vec<Option<ClaimResult>>, Error> {
+        if retryable(&e) {
+            return Ok(requests.iter().map(|_| None).collect());
+        }
+        if outcome_unknown(&e) {
+            drop(client);
+            return self.resolve_lost_claims(requests, holder, e).await;
+        }
+        Err(pg_error("claim", e))
     }
 
     /// After a claim statement failed with its connection: reads back which of the ids carry

@@ -1,14 +1,17 @@
 //! The PostgreSQL store for idem: one table shared by any number of gateway replicas.
 //!
-//! Every transition is one statement and one round trip: a claim is an
-//! `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE` that takes an absent, released or
-//! expired record, or takes over a lease that passed, bumping the fencing token; complete,
-//! release and renew are `UPDATE`s conditional on the token. Statements are prepared once
-//! per connection; a single claim binds scalars rather than one-element arrays, so the
-//! server keeps one plan for it instead of planning it at every run. Every time comes from
-//! the server's clock (`clock_timestamp()`), never from a gateway's, so clock skew between
-//! replicas cannot make two of them both believe they hold a record. Waiters in every
-//! replica are woken by `LISTEN/NOTIFY` when a record settles.
+//! Every transition is one statement: a claim inserts the row of an id that has none, or
+//! else reads the id's row in the same statement and round trip, and answers a replay, a
+//! lease in flight or a mismatch from that read without a lock or a write. A row it may
+//! take over (released, expired, or a lease that passed) costs a second statement, an
+//! `INSERT ... ON CONFLICT ... DO UPDATE ... WHERE` that decides again under the row's lock
+//! and bumps the fencing token. Complete, release and renew are `UPDATE`s conditional on
+//! the token. Statements are prepared once per connection; a single claim binds scalars
+//! rather than one-element arrays, so the server keeps one plan for it instead of planning
+//! it at every run. Every time comes from the server's clock (`clock_timestamp()`), never
+//! from a gateway's, so clock skew between replicas cannot make two of them both believe
+//! they hold a record. Waiters in every replica are woken by `LISTEN/NOTIFY` when a record
+//! settles.
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -15,8 +15,10 @@ pub(crate) struct Queries {
     pub(crate) migrations: Vec<(i32, &'static str, String)>,
     /// Claims a batch of distinct ids (arrays).
     pub(crate) claim: String,
-    /// Claims one id (scalars; `claim_one.sql` says why).
+    /// Claims one id without a row, else reads its row (scalars; `claim_one.sql` says why).
     pub(crate) claim_one: String,
+    /// Claims one id whose row may be taken over (`take_over_one.sql`).
+    pub(crate) take_over_one: String,
     pub(crate) claim_by_holder: String,
     pub(crate) complete: String,
     /// Completes a batch of distinct ids (arrays).
@@ -63,8 +65,14 @@ impl Queries {
         identifier("table", table)?;
         let qualified = format!("\"{schema}\".\"{table}\"");
         let channel = format!("idem_{schema}_{table}");
+        // Comment lines stay in the files: the server would only show them (and cut the
+        // statement at `track_activity_query_size`) in `pg_stat_activity`.
         let fill = |sql: &str| {
-            sql.replace("{{table}}", &qualified)
+            sql.lines()
+                .filter(|line| !line.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .replace("{{table}}", &qualified)
                 .replace("{{index_prefix}}", table)
                 .replace("{{channel}}", &channel)
         };
@@ -77,6 +85,7 @@ impl Queries {
                 .collect(),
             claim: fill(include_str!("../queries/claim.sql")),
             claim_one: fill(include_str!("../queries/claim_one.sql")),
+            take_over_one: fill(include_str!("../queries/take_over_one.sql")),
             claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
             complete: fill(include_str!("../queries/complete.sql")),
             complete_batch: fill(include_str!("../queries/complete_batch.sql")),
@@ -123,7 +132,7 @@ mod tests {
     #[test]
     fn single_and_batch_claims_resolve_conflicts_alike() {
         let q = Queries::new("s", "t").unwrap();
-        assert_eq!(conflict_clause(&q.claim), conflict_clause(&q.claim_one));
+        assert_eq!(conflict_clause(&q.claim), conflict_clause(&q.take_over_one));
         assert!(conflict_clause(&q.claim).contains("RETURNING"));
     }
 
@@ -133,6 +142,7 @@ mod tests {
         for sql in [
             &q.claim,
             &q.claim_one,
+            &q.take_over_one,
             &q.complete,
             &q.release,
             &q.renew,

@@ -54,22 +54,26 @@ fn request(table: &str, name: &str) -> ClaimRequest {
 }
 
 impl Setup {
-    /// Takes the pool's only connection: a claim waiting on a row that `other` has locked in
-    /// a transaction it has not committed. Returns that claim's task.
+    /// Takes the pool's only connection: a claim waiting on the row of its id that `other`
+    /// has inserted (in flight, under a lease that has not passed) in a transaction it has
+    /// not committed. Returns that claim's task, which answers "in flight" once `other`
+    /// commits.
     async fn hold_the_connection(&self) -> JoinHandle<Result<ClaimOutcome, Error>> {
         let blocker = request(&self.table, "blocker");
-        assert!(matches!(
-            self.store.claim(&blocker).await.unwrap(),
-            ClaimOutcome::Acquired(_)
-        ));
         self.other.batch_execute("BEGIN").await.unwrap();
         self.other
             .execute(
                 &format!(
-                    "UPDATE {SCHEMA}.{} SET token = token WHERE id = $1",
+                    "INSERT INTO {SCHEMA}.{} (id, fingerprint, token, state, lease_until, \
+                     retention, expires_at) \
+                     VALUES ($1, $2, 1, 0, $3::bigint, 60000, $3::bigint + 60000)",
                     self.table
                 ),
-                &[&&blocker.id.as_bytes()[..]],
+                &[
+                    &&blocker.id.as_bytes()[..],
+                    &&blocker.fingerprint.as_bytes()[..],
+                    &(i64::MAX / 4),
+                ],
             )
             .await
             .unwrap();
