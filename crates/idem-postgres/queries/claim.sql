@@ -1,6 +1,7 @@
--- Claims a set of distinct record ids in one statement. Rows the claim took come back with
--- claimed = true; for the others the current row comes back (claimed = false) so the caller
--- can tell a replay, a lease in flight and a mismatch apart.
+-- Claims a set of distinct record ids in one statement, taking over the rows that may be
+-- taken over, under their locks: the store runs it for the rows claim_first.sql found so.
+-- Rows the claim took come back with claimed = true; for the others the current row comes
+-- back (claimed = false), as a concurrent claim may have taken one first.
 -- $1 ids, $2 fingerprints, $3 leases (ms), $4 retentions (ms), $5 holder nonces.
 --
 -- Run unprepared (the store uses query_typed), so the server plans it for the arrays and the

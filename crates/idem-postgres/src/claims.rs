@@ -115,6 +115,73 @@ impl Claimer {
         if let [request] = requests {
             return self.claim_single(client, request, &holder).await;
         }
+        // A batch first takes the ids without a row and reads the others' rows
+        // (claim_first.sql), then runs the locking statement (claim.sql) only for the rows
+        // it may take over.
+        let rows = match self
+            .run_batch(&client, &self.queries.claim_first, requests, &holder)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return self.claim_failed(client, requests, &holder, e).await,
+        };
+        let mut results = Vec::with_capacity(requests.len());
+        let mut due = Vec::new();
+        for (i, found) in found(requests, &rows)?.into_iter().enumerate() {
+            match found {
+                Found::Answer(result) => results.push(Some(result)),
+                Found::TakeOver => {
+                    results.push(None);
+                    due.push(i);
+                }
+                Found::Absent => results.push(None),
+            }
+        }
+        if due.is_empty() {
+            return Ok(results);
+        }
+        let again: Vec<&ClaimRequest> = due.iter().map(|&i| requests[i]).collect();
+        let taken = match self
+            .run_batch(&client, &self.queries.claim, &again, &holder)
+            .await
+        {
+            Ok(rows) => found(&again, &rows).map(|found| {
+                found
+                    .into_iter()
+                    .map(|found| match found {
+                        Found::Answer(result) => Some(result),
+                        Found::TakeOver | Found::Absent => None,
+                    })
+                    .collect()
+            }),
+            // The first statement's claims stand: only these fail (or are read back).
+            Err(e) => self.claim_failed(client, &again, &holder, e).await,
+        };
+        match taken {
+            Ok(taken) => {
+                for (i, result) in due.into_iter().zip(taken) {
+                    results[i] = result;
+                }
+            }
+            Err(e) => {
+                for i in due {
+                    results[i] = Some(Err(copy_error(&e)));
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Runs a batch claim statement (claim.sql or claim_first.sql) for distinct ids:
+    /// arrays bound to a statement planned at every run, for its arrays and the table as
+    /// they are (claim.sql says why), in one round trip.
+    async fn run_batch(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        requests: &[&ClaimRequest],
+        holder: &[u8; 16],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
         let fingerprints: Vec<&[u8]> = requests
             .iter()
@@ -123,11 +190,9 @@ impl Claimer {
         let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
         let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
         let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
-        // A batch binds arrays to a statement planned at every run, for its arrays and the
-        // table as they are (claim.sql says why), in one round trip.
-        let result = client
+        client
             .query_typed(
-                &self.queries.claim,
+                sql,
                 &[
                     (&ids, Type::BYTEA_ARRAY),
                     (&fingerprints, Type::BYTEA_ARRAY),
@@ -136,27 +201,7 @@ impl Claimer {
                     (&holders, Type::BYTEA_ARRAY),
                 ],
             )
-            .await;
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) => return self.claim_failed(client, requests, &holder, e).await,
-        };
-        let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> =
-            HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
-            let id = RecordId::from_slice(id)
-                .ok_or_else(|| Error::corrupt("postgres: a record id is not 32 bytes"))?;
-            by_id.insert(id, claim_row(row));
-        }
-        Ok(requests
-            .iter()
-            .map(|request| match by_id.get(&request.id)? {
-                Err(e) => Some(Err(copy_error(e))),
-                Ok(row) if row.claimed => Some(Ok(claimed_outcome(&row.record, row.taken_over))),
-                Ok(row) => existing_outcome(&row.record, request, row.now).map(Ok),
-            })
-            .collect())
+            .await
     }
 
     /// Claims one id with statements prepared once per connection, scalars bound
@@ -280,6 +325,41 @@ pub(crate) fn copy_error(e: &Error) -> Error {
             source: None,
         },
     }
+}
+
+/// What a batch claim statement returned for one request.
+enum Found {
+    /// The claim's outcome: the row it took, or the row that answers it.
+    Answer(ClaimResult),
+    /// A row the claim may take over, which the statement did not take.
+    TakeOver,
+    /// No row: it appeared after the statement's snapshot.
+    Absent,
+}
+
+/// Each request's row among a batch statement's rows.
+fn found(requests: &[&ClaimRequest], rows: &[tokio_postgres::Row]) -> Result<Vec<Found>, Error> {
+    let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
+        let id = RecordId::from_slice(id)
+            .ok_or_else(|| Error::corrupt("postgres: a record id is not 32 bytes"))?;
+        by_id.insert(id, claim_row(row));
+    }
+    Ok(requests
+        .iter()
+        .map(|request| match by_id.get(&request.id) {
+            None => Found::Absent,
+            Some(Err(e)) => Found::Answer(Err(copy_error(e))),
+            Some(Ok(row)) if row.claimed => {
+                Found::Answer(Ok(claimed_outcome(&row.record, row.taken_over)))
+            }
+            Some(Ok(row)) => match existing_outcome(&row.record, request, row.now) {
+                Some(outcome) => Found::Answer(Ok(outcome)),
+                None => Found::TakeOver,
+            },
+        })
+        .collect())
 }
 
 /// One row of the claim statement.

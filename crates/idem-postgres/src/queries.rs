@@ -13,8 +13,10 @@ pub(crate) struct Queries {
     /// The NOTIFY channel of this table.
     pub(crate) channel: String,
     pub(crate) migrations: Vec<(i32, &'static str, String)>,
-    /// Claims a batch of distinct ids (arrays).
+    /// Claims a batch of distinct ids (arrays), taking over rows that may be.
     pub(crate) claim: String,
+    /// Claims the ids of a batch without a row, reads the others (`claim_first.sql`).
+    pub(crate) claim_first: String,
     /// Claims one id without a row, else reads its row (scalars; `claim_one.sql` says why).
     pub(crate) claim_one: String,
     /// Claims one id whose row may be taken over (`take_over_one.sql`).
@@ -84,6 +86,7 @@ impl Queries {
                 .map(|(version, name, sql)| (*version, *name, fill(sql)))
                 .collect(),
             claim: fill(include_str!("../queries/claim.sql")),
+            claim_first: fill(include_str!("../queries/claim_first.sql")),
             claim_one: fill(include_str!("../queries/claim_one.sql")),
             take_over_one: fill(include_str!("../queries/take_over_one.sql")),
             claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
@@ -141,6 +144,7 @@ mod tests {
         let q = Queries::new("s", "t").unwrap();
         for sql in [
             &q.claim,
+            &q.claim_first,
             &q.claim_one,
             &q.take_over_one,
             &q.complete,
