@@ -52,20 +52,17 @@ sed -e 's/{{table}}/idem_records/g' -e 's/{{index_prefix}}/idem_records/g' \
 psql_ -c 'CREATE TABLE raw_claims (LIKE idem_records INCLUDING ALL)'
 
 fingerprint=$(printf 'ab%.0s' $(seq 32))
-# A claim statement as a pgbench script: ids from 1..$2.
-script() {
-  grep -v '^--' \
-    | sed -e 's/{{table}}/idem_records/g' \
-      -e 's/\$1::bytea/sha256(:id::text::bytea)/g' \
-      -e "s/\\\$2::bytea/'\\\\x$fingerprint'::bytea/" \
-      -e 's/\$3::bigint/60000::bigint/g; s/\$4::bigint/60000::bigint/g' \
-      -e "s/\\\$5::bytea/'\\\\x$(printf 'cd%.0s' $(seq 16))'::bytea/" \
-    | { echo "\\set id random(1, $1)"; tr '\n' ' '; echo ';'; }
-}
-git show "$baseline:crates/idem-postgres/queries/claim_one.sql" | script 1000000000000000 >"$work/baseline.sql"
-script 1000000000000000 <crates/idem-postgres/queries/claim_one.sql >"$work/current.sql"
-git show "$baseline:crates/idem-postgres/queries/claim_one.sql" | script 100000 >"$work/baseline-replay.sql"
-script 100000 <crates/idem-postgres/queries/claim_one.sql >"$work/current-replay.sql"
+# shellcheck source=bench/stores/pgbench_claim.sh
+. bench/stores/pgbench_claim.sh
+for version in baseline current; do
+  if [ "$version" = baseline ]; then
+    sql=$(git show "$baseline:crates/idem-postgres/queries/claim_one.sql")
+  else
+    sql=$(cat crates/idem-postgres/queries/claim_one.sql)
+  fi
+  pgbench_claim 1000000000000000 <<<"$sql" >"$work/$version.sql"
+  pgbench_claim 100000 <<<"$sql" >"$work/$version-replay.sql"
+done
 
 rate() {
   pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$clients" -j $((clients < 2 ? clients : 2)) \

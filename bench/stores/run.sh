@@ -54,6 +54,8 @@ while [ $# -gt 0 ]; do
 done
 
 log() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/stores/pgbench_claim.sh
+. bench/stores/pgbench_claim.sh
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/idem-bench-stores.XXXXXX")
 chmod 755 "$work"
@@ -104,15 +106,8 @@ if [[ " $engines " == *" postgres "* ]]; then
   # Connecting migrates the store's table; the raw table copies its shape.
   "$pg_claims" "$pg_url" --seconds 0.1 --warmup 0 >/dev/null
   psql_ -c 'CREATE TABLE raw_claims (LIKE idem_records INCLUDING ALL)'
-  # The store's single-claim statement, for pgbench: a random id (the same in both places
-  # the statement names it), a fixed fingerprint and holder.
-  grep -v '^--' crates/idem-postgres/queries/claim_one.sql \
-    | sed -e 's/{{table}}/idem_records/g' \
-      -e 's/\$1::bytea/sha256(:id::text::bytea)/g' \
-      -e "s/\\\$2::bytea/'\\\\x$(printf 'ab%.0s' $(seq 32))'::bytea/" \
-      -e 's/\$3::bigint/60000::bigint/g; s/\$4::bigint/60000::bigint/g' \
-      -e "s/\\\$5::bytea/'\\\\x$(printf 'cd%.0s' $(seq 16))'::bytea/" \
-    | { echo '\set id random(1, 1000000000000000)'; tr '\n' ' '; echo ';'; } >"$work/claim_one.sql"
+  # The store's single-claim statement, for pgbench.
+  pgbench_claim 1000000000000000 <crates/idem-postgres/queries/claim_one.sql >"$work/claim_one.sql"
   fresh_pg() { psql_ -c 'TRUNCATE idem_records, raw_claims' -c 'CHECKPOINT'; }
   pgbench_() {
     local c=$1 script=$2
