@@ -2,8 +2,8 @@
 //!
 //! Scripts run with `EVALSHA`; [`redis::Script`] loads a script the server does not know
 //! (`NOSCRIPT`) and sends it again. Every script reads the server's clock with `TIME`, and
-//! starts with `record.lua`, which reads a record stored as a hash or as the string a claim
-//! on a fresh key writes.
+//! starts with `record.lua`, which reads and writes a record in its two string forms and
+//! reads the hashes of earlier versions.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::conn::Conn;
 use crate::keys::Keys;
 use crate::slots::Routes;
 
-/// `record.lua`, which every script starts with: reading a record in either layout.
+/// `record.lua`, which every script starts with: reading and writing a record.
 const RECORD: &str = include_str!("../scripts/record.lua");
 
 /// A script's source with [`RECORD`] after its first line (the `#!lua` line, which must
