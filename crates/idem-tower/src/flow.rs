@@ -39,9 +39,15 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// The RFC 7240 header a client asks to wait with (`Prefer: wait=5`).
 const PREFER: HeaderName = HeaderName::from_static("prefer");
 
-/// How many times one request re-claims after being woken, before it gives up with `409`
-/// (a guard against a store whose waiter wakes without the record settling).
+/// How many times one request re-claims after being woken (by a settlement, or when the
+/// lease it waits on ends), before it gives up with `409` (a guard against a store whose
+/// waiter wakes without the record settling).
 const MAX_WAKE_UPS: usize = 64;
+
+/// How long after the end of a lease in flight, by the store's clock, a waiting request
+/// claims again: the store decides on its own clock, which the gateway's timer only
+/// approximates.
+const LEASE_END_MARGIN: Duration = Duration::from_millis(10);
 
 /// The claim a request executes under, in the inner service's request extensions.
 ///
@@ -245,13 +251,23 @@ where
                     ctx.event(Event::Waited);
                 }
                 wake_ups += 1;
+                // A holder that died never settles the record: wake when its lease ends
+                // (on the store's clock) and claim again, which takes the record over.
+                let wake = match ctx.timed(StoreOp::Now, shared.store.now()).await {
+                    Ok(now) => {
+                        (Instant::now() + now.until(lease_until) + LEASE_END_MARGIN).min(deadline)
+                    }
+                    Err(_) => deadline,
+                };
                 debug!(route = %ctx.route, record = %id, "waiting for the request in flight");
-                match tokio::time::timeout_at(deadline, waiter.wait_settled(&id)).await {
+                match tokio::time::timeout_at(wake, waiter.wait_settled(&id)).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(error)) => {
                         ctx.event(Event::StoreError);
                         warn!(route = %ctx.route, %error, "waiting for a request in flight failed");
                     }
+                    // The lease has ended without a settlement.
+                    Err(_elapsed) if wake < deadline => continue,
                     Err(_elapsed) => {}
                 }
             }

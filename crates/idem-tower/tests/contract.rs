@@ -754,6 +754,46 @@ async fn a_claim_the_store_never_answers_is_503_after_the_store_timeout_and_runs
     assert_eq!(counter.get(), 0);
 }
 
+/// A request that waits on a record whose holder is gone (its claim landed, its answer was
+/// lost, nothing will ever settle it) claims again when the lease ends and is told the
+/// outcome is unknown, rather than sleeping through its whole wait and answering `409`.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_claims_again_when_the_lease_it_waits_on_ends() {
+    let (memory, clock) = memory_store();
+    let store = TestStore::new(memory);
+    store.hang_claims.store(true, Ordering::SeqCst);
+    let policy = required()
+        .with_lease(Duration::from_secs(10))
+        .with_max_wait(Duration::from_secs(60));
+    let routes = Routes::new().route("/v1/charges", policy).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let layer = layer_with(store.clone(), routes)
+        .with_store_timeout(Some(Duration::from_secs(2)))
+        .with_events(recorder.clone());
+    let counter = Counter::default();
+    let svc = charging(&layer, &counter);
+    // The first claim lands and its answer is lost: the record is held by nobody.
+    problem(
+        call(&svc, post("/v1/charges", Some("k"), "{}")).await,
+        503,
+        "store-unavailable",
+    )
+    .await;
+    store.hang_claims.store(false, Ordering::SeqCst);
+
+    let mut retry = post("/v1/charges", Some("k"), "{}");
+    retry
+        .headers_mut()
+        .insert("prefer", HeaderValue::from_static("wait=50"));
+    let retry = tokio::spawn(tower::ServiceExt::oneshot(svc.clone(), retry));
+    recorder.wait_for(Event::Waited).await;
+    // The lease ends on the store's clock; the waiting request's timer follows it.
+    clock.advance(Duration::from_secs(11));
+    let answer = retry.await.unwrap().unwrap();
+    problem(answer, 502, "outcome-unknown").await;
+    assert_eq!(counter.get(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_completion_the_store_never_answers_still_answers_the_client() {
     let (memory, _) = memory_store();
