@@ -178,12 +178,17 @@ pub async fn claim_while_in_flight_reports_lease_end(h: &dyn Harness) {
     let req = request(fresh_id("in-flight"), fp("a"));
     let lease = acquire(&*store, &req).await;
     let before = store.get(&req.id).await.expect("get");
-    assert_eq!(
-        store.claim(&req).await.expect("claim"),
-        ClaimOutcome::InFlight {
-            lease_until: lease.lease_until
+    match store.claim(&req).await.expect("claim") {
+        ClaimOutcome::InFlight { lease_until, now } => {
+            assert_eq!(lease_until, lease.lease_until);
+            // The store's time of the answer, within the lease.
+            assert!(
+                now < lease_until && now.until(lease_until) <= req.lease,
+                "now {now:?}, lease until {lease_until:?}"
+            );
         }
-    );
+        other => panic!("expected in flight, got {other:?}"),
+    }
     assert_eq!(store.get(&req.id).await.expect("get"), before);
 }
 
@@ -466,12 +471,16 @@ pub async fn renew_extends_lease(h: &dyn Harness) {
         .expect("renew");
     assert!(renewed_until > lease.lease_until);
     h.advance(LEASE).await;
-    assert_eq!(
-        store.claim(&req).await.expect("claim"),
-        ClaimOutcome::InFlight {
-            lease_until: renewed_until
+    match store.claim(&req).await.expect("claim") {
+        ClaimOutcome::InFlight { lease_until, now } => {
+            assert_eq!(lease_until, renewed_until);
+            assert!(
+                now < renewed_until,
+                "now {now:?}, lease until {renewed_until:?}"
+            );
         }
-    );
+        other => panic!("expected in flight, got {other:?}"),
+    }
     store
         .complete(&req.id, lease.token, Bytes::from_static(b"done"))
         .await
@@ -684,7 +693,7 @@ pub async fn batch_claim_handles_duplicates_within_and_across_batches(h: &dyn Ha
             (100..200, ClaimOutcome::InFlight { .. }) => {}
             (200..300, ClaimOutcome::Acquired(lease)) => assert!(lease.token > old_tokens[i]),
             (300..900, ClaimOutcome::Acquired(lease)) => assert_eq!(lease.id, ids[i]),
-            (900..950, ClaimOutcome::InFlight { lease_until }) => {
+            (900..950, ClaimOutcome::InFlight { lease_until, .. }) => {
                 assert_eq!(
                     Some(*lease_until),
                     outcomes[i - 600].lease().map(|l| l.lease_until)

@@ -169,6 +169,9 @@ pub enum ClaimOutcome {
     InFlight {
         /// When that lease ends unless renewed.
         lease_until: Timestamp,
+        /// The store's time when it answered, so that the caller can tell how long the
+        /// lease has left on the store's clock without asking for it.
+        now: Timestamp,
     },
     /// The record exists with a different fingerprint; nothing changed.
     Mismatch,
@@ -384,7 +387,7 @@ pub fn claim(
             };
             (ClaimOutcome::Completed(completion), None)
         }
-        Decision::InFlight { lease_until } => (ClaimOutcome::InFlight { lease_until }, None),
+        Decision::InFlight { lease_until } => (ClaimOutcome::InFlight { lease_until, now }, None),
         Decision::Mismatch => (ClaimOutcome::Mismatch, None),
     })
 }

@@ -348,9 +348,13 @@ fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         Model::Held {
                             fp: f, lease_end, ..
                         },
-                        ClaimOutcome::InFlight { lease_until },
+                        ClaimOutcome::InFlight {
+                            lease_until,
+                            now: at,
+                        },
                     ) if f == fp && lease_end > now => {
                         prop_assert_eq!(lease_until.as_millis(), lease_end);
+                        prop_assert_eq!(at.as_millis(), now);
                     }
                     (
                         Model::Held {

@@ -426,7 +426,7 @@ fn existing_outcome(
             })),
             _ => None,
         },
-        Decision::InFlight { lease_until } => Some(ClaimOutcome::InFlight { lease_until }),
+        Decision::InFlight { lease_until } => Some(ClaimOutcome::InFlight { lease_until, now }),
         Decision::Mismatch => Some(ClaimOutcome::Mismatch),
         Decision::Claim { .. } | Decision::TakeOver { .. } => None,
     }

@@ -14,7 +14,7 @@
 --   {'acquired', token, lease_until}
 --   {'took_over', token, lease_until, previous_token, previous_lease_until}
 --   {'completed', token, completed_at, expires_at, response}
---   {'in_flight', lease_until}
+--   {'in_flight', lease_until, now}    now: the server's time of this call
 --   {'mismatch'}
 --   {'corrupt', what}                  the stored record does not decode; nothing changed
 -- (numbers as integers).
@@ -77,7 +77,7 @@ elseif state == 'completed' then
   end
   return {'completed', token, r.settled_at, expires_at, r.response}
 elseif lease_until > now then
-  return {'in_flight', lease_until}
+  return {'in_flight', lease_until, now}
 else
   previous = token
   taken_over_until = lease_until

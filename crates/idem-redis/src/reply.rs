@@ -116,9 +116,10 @@ pub(crate) fn claim(id: &RecordId, lease_ms: u64, value: Value) -> Result<ClaimO
             }))
         }
         Some(b"in_flight") => {
-            arity(CONTEXT, &items, 2)?;
+            arity(CONTEXT, &items, 3)?;
             Ok(ClaimOutcome::InFlight {
                 lease_until: timestamp(id, "lease_until", &items[1])?,
+                now: timestamp(id, "now", &items[2])?,
             })
         }
         Some(b"mismatch") => {

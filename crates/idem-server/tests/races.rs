@@ -319,7 +319,7 @@ async fn lease_expiry_racing_completion(stores: Replicas) {
                     "completed, then the claim replayed"
                 }
                 // The claim came while the lease still ran; the holder then completed.
-                (Ok(()), ClaimOutcome::InFlight { lease_until }) => {
+                (Ok(()), ClaimOutcome::InFlight { lease_until, .. }) => {
                     assert_eq!(lease_until, holder.lease_until);
                     match b.claim(&request(id)).await.unwrap() {
                         ClaimOutcome::Completed(replay) => assert_eq!(replay.response, result),
@@ -390,7 +390,7 @@ async fn release_racing_takeover(stores: Replicas) {
                 }
                 // The claim came while the lease still ran; the holder then released, and
                 // the next claim acquires.
-                (Ok(()), ClaimOutcome::InFlight { lease_until }) => {
+                (Ok(()), ClaimOutcome::InFlight { lease_until, .. }) => {
                     assert_eq!(lease_until, holder.lease_until);
                     let lease = match b.claim(&request(id)).await.unwrap() {
                         ClaimOutcome::Acquired(lease) => lease,
@@ -478,7 +478,7 @@ async fn two_replicas_taking_over_one_expired_lease(stores: Replicas) {
             assert_eq!(previous_lease_until, holder.lease_until);
             assert!(lease.token > holder.token);
             match loser {
-                ClaimOutcome::InFlight { lease_until } => {
+                ClaimOutcome::InFlight { lease_until, .. } => {
                     assert_eq!(lease_until, lease.lease_until)
                 }
                 other => panic!("the other claim finds the winner's lease: {other:?}"),

@@ -241,7 +241,7 @@ where
                 return store_failure::<S, ReqB, ResB>(&ctx, error, inner, parts, body).await;
             }
         };
-        let ClaimOutcome::InFlight { lease_until } = outcome else {
+        let ClaimOutcome::InFlight { lease_until, now } = outcome else {
             break outcome;
         };
         if let (Some(deadline), Some(waiter)) = (deadline, shared.store.completion_waiter()) {
@@ -253,12 +253,8 @@ where
                 wake_ups += 1;
                 // A holder that died never settles the record: wake when its lease ends
                 // (on the store's clock) and claim again, which takes the record over.
-                let wake = match ctx.timed(StoreOp::Now, shared.store.now()).await {
-                    Ok(now) => {
-                        (Instant::now() + now.until(lease_until) + LEASE_END_MARGIN).min(deadline)
-                    }
-                    Err(_) => deadline,
-                };
+                let wake =
+                    (Instant::now() + now.until(lease_until) + LEASE_END_MARGIN).min(deadline);
                 debug!(route = %ctx.route, record = %id, "waiting for the request in flight");
                 match tokio::time::timeout_at(wake, waiter.wait_settled(&id)).await {
                     Ok(Ok(())) => continue,
@@ -272,7 +268,7 @@ where
                 }
             }
         }
-        return Ok(in_flight(&ctx, lease_until).await);
+        return Ok(in_flight(&ctx, lease_until, now));
     };
 
     match outcome {
@@ -317,7 +313,7 @@ where
                 "this idempotency key was already used with a different request",
             )))
         }
-        ClaimOutcome::InFlight { lease_until } => Ok(in_flight(&ctx, lease_until).await),
+        ClaimOutcome::InFlight { lease_until, now } => Ok(in_flight(&ctx, lease_until, now)),
         other => {
             let error = StoreError::Backend {
                 message: format!("unexpected claim outcome {other:?}"),
@@ -400,12 +396,14 @@ fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         })
 }
 
-async fn in_flight<B>(ctx: &Ctx, lease_until: idem_core::Timestamp) -> Response<ResponseBody<B>> {
+/// `409`, with `Retry-After` the seconds the lease has left on the store's clock.
+fn in_flight<B>(
+    ctx: &Ctx,
+    lease_until: idem_core::Timestamp,
+    now: idem_core::Timestamp,
+) -> Response<ResponseBody<B>> {
     ctx.event(Event::InFlightConflict);
-    let seconds = match ctx.timed(StoreOp::Now, ctx.shared.store.now()).await {
-        Ok(now) => now.until(lease_until).as_millis().div_ceil(1000),
-        Err(_) => 1,
-    };
+    let seconds = now.until(lease_until).as_millis().div_ceil(1000);
     let seconds = u64::try_from(seconds).unwrap_or(u64::MAX).max(1);
     problem(
         Problem::new(

@@ -78,6 +78,41 @@ async fn a_retry_in_flight_gets_409_with_retry_after_until_the_lease_ends() {
     assert_eq!(counter.get(), 1);
 }
 
+/// A `409` and a wait take the lease's remaining time from the claim's own answer (the
+/// store's time comes with it): one store call per conflicting retry, not two.
+#[tokio::test]
+async fn a_conflict_costs_one_store_call() {
+    let (memory, clock) = memory_store();
+    let store = TestStore::new(memory);
+    let layer = layer_over(
+        store.clone(),
+        Policy::new()
+            .with_lease(Duration::from_secs(60))
+            .with_max_wait(Duration::from_secs(1)),
+    );
+    let counter = Counter::default();
+    let gate = Gate::default();
+    let svc = gated(&layer, &counter, &gate);
+    let first = tokio::spawn(svc.clone().oneshot(post("/v1/charges", Some("k"), "{}")));
+    gate.arrival().await;
+    clock.advance(Duration::from_secs(20));
+
+    let claims = TestStore::count(&store.claims);
+    let res = call(&svc, post("/v1/charges", Some("k"), "{}")).await;
+    assert_eq!(res.headers()["retry-after"], "40");
+    problem(res, 409, "in-flight").await;
+    assert_eq!(TestStore::count(&store.claims), claims + 1);
+    assert_eq!(TestStore::count(&store.nows), 0);
+    // A retry that waits (and runs out of time) does not ask for the time either.
+    let res = call(&svc, waiting(1)).await;
+    problem(res, 409, "in-flight").await;
+    assert_eq!(TestStore::count(&store.nows), 0);
+
+    gate.open();
+    first.await.unwrap().unwrap();
+    assert_eq!(counter.get(), 1);
+}
+
 #[tokio::test]
 async fn prefer_wait_replays_the_first_once_it_completes() {
     let (store, _) = memory_store();

@@ -252,6 +252,8 @@ pub struct TestStore {
     pub completes: AtomicUsize,
     pub releases: AtomicUsize,
     pub renewals: AtomicUsize,
+    /// Calls of `now`.
+    pub nows: AtomicUsize,
 }
 
 impl TestStore {
@@ -267,6 +269,7 @@ impl TestStore {
             completes: AtomicUsize::new(0),
             releases: AtomicUsize::new(0),
             renewals: AtomicUsize::new(0),
+            nows: AtomicUsize::new(0),
         })
     }
 
@@ -340,6 +343,7 @@ impl Store for TestStore {
     }
 
     async fn now(&self) -> Result<Timestamp, Error> {
+        self.nows.fetch_add(1, Ordering::SeqCst);
         self.inner.now().await
     }
 
