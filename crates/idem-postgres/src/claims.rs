@@ -145,15 +145,9 @@ impl Claimer {
             .run_batch(&client, &self.queries.claim, &again, &holder)
             .await
         {
-            Ok(rows) => found(&again, &rows).map(|found| {
-                found
-                    .into_iter()
-                    .map(|found| match found {
-                        Found::Answer(result) => Some(result),
-                        Found::TakeOver | Found::Absent => None,
-                    })
-                    .collect()
-            }),
+            Ok(rows) => {
+                found(&again, &rows).map(|found| found.into_iter().map(Found::answer).collect())
+            }
             // The first statement's claims stand: only these fail (or are read back).
             Err(e) => self.claim_failed(client, &again, &holder, e).await,
         };
@@ -223,11 +217,6 @@ impl Claimer {
         let holder_bytes = &holder[..];
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&id, &fingerprint, &lease, &retention, &holder_bytes];
-        let outcome = |row: &tokio_postgres::Row| match claim_row(row) {
-            Err(e) => Some(Err(e)),
-            Ok(row) if row.claimed => Some(Ok(claimed_outcome(&row.record, row.taken_over))),
-            Ok(row) => existing_outcome(&row.record, request, row.now).map(Ok),
-        };
 
         let statement = prepared(&client, &self.queries.claim_one, "claim").await?;
         let rows = match client.query(&statement, &params).await {
@@ -237,7 +226,7 @@ impl Claimer {
         let Some(row) = rows.first() else {
             return Ok(vec![None]);
         };
-        if let Some(result) = outcome(row) {
+        if let Found::Answer(result) = Found::of(claim_row(row), request) {
             return Ok(vec![Some(result)]);
         }
 
@@ -247,7 +236,9 @@ impl Claimer {
             Ok(rows) => rows,
             Err(e) => return self.claim_failed(client, &[request], holder, e).await,
         };
-        Ok(vec![rows.first().and_then(outcome)])
+        Ok(vec![rows.first().and_then(|row| {
+            Found::of(claim_row(row), request).answer()
+        })])
     }
 
     /// A claim statement failed: a passing failure has the caller claim again; a lost
@@ -337,7 +328,31 @@ enum Found {
     Absent,
 }
 
-/// Each request's row among a batch statement's rows.
+impl Found {
+    /// What a claim statement's row (or its failure to decode) says of `request`.
+    fn of(row: Result<ClaimRow, Error>, request: &ClaimRequest) -> Self {
+        match row {
+            Err(e) => Found::Answer(Err(e)),
+            Ok(row) if row.claimed => {
+                Found::Answer(Ok(claimed_outcome(&row.record, row.taken_over)))
+            }
+            Ok(row) => match existing_outcome(&row.record, request, row.now) {
+                Some(outcome) => Found::Answer(Ok(outcome)),
+                None => Found::TakeOver,
+            },
+        }
+    }
+
+    /// The claim's result, or `None` for a claim to make again.
+    fn answer(self) -> Option<ClaimResult> {
+        match self {
+            Found::Answer(result) => Some(result),
+            Found::TakeOver | Found::Absent => None,
+        }
+    }
+}
+
+/// Each request's row among a batch statement's rows (the requests' ids are distinct).
 fn found(requests: &[&ClaimRequest], rows: &[tokio_postgres::Row]) -> Result<Vec<Found>, Error> {
     let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -348,16 +363,9 @@ fn found(requests: &[&ClaimRequest], rows: &[tokio_postgres::Row]) -> Result<Vec
     }
     Ok(requests
         .iter()
-        .map(|request| match by_id.get(&request.id) {
+        .map(|request| match by_id.remove(&request.id) {
             None => Found::Absent,
-            Some(Err(e)) => Found::Answer(Err(copy_error(e))),
-            Some(Ok(row)) if row.claimed => {
-                Found::Answer(Ok(claimed_outcome(&row.record, row.taken_over)))
-            }
-            Some(Ok(row)) => match existing_outcome(&row.record, request, row.now) {
-                Some(outcome) => Found::Answer(Ok(outcome)),
-                None => Found::TakeOver,
-            },
+            Some(row) => Found::of(row, request),
         })
         .collect())
 }
