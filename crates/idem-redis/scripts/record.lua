@@ -31,14 +31,6 @@ local floor = math.floor
 -- A nonce field without a nonce.
 local NO_NONCE = '--------------------------------'
 
--- n if it is a whole number in [0, 2^53), else nil.
-local function whole(n)
-  if type(n) == 'number' and n >= 0 and n < 9007199254740992 and n % 1 == 0 then
-    return n
-  end
-  return nil
-end
-
 -- Whether every argument (a number or nil) is nil or a whole number in [0, 2^53); false for
 -- NaN and the infinities. One call checks a record's numbers (a call per number would cost
 -- more than the decoding).
@@ -157,18 +149,26 @@ local function from_hash(key)
   if (f[7] and #f[7] ~= 64) or (f[8] and #f[8] ~= 32) or (f[9] and #f[9] ~= 32) then
     return {}
   end
+  -- A number that does not parse reads as absent, as the scripts always read these.
+  local token, lease_until, retention, expires_at, settled_at, taken_over_token,
+    taken_over_lease_until = tonumber(f[2]), tonumber(f[3]), tonumber(f[4]),
+      tonumber(f[5]), tonumber(f[6]), tonumber(f[10]), tonumber(f[11])
+  if not wholes(token, lease_until, retention, expires_at, settled_at, taken_over_token,
+      taken_over_lease_until) then
+    return {}
+  end
   return {
     state = f[1] or nil,
-    token = whole(tonumber(f[2])),
-    lease_until = whole(tonumber(f[3])),
-    retention = whole(tonumber(f[4])),
-    expires_at = whole(tonumber(f[5])),
-    settled_at = whole(tonumber(f[6])),
+    token = token,
+    lease_until = lease_until,
+    retention = retention,
+    expires_at = expires_at,
+    settled_at = settled_at,
     fingerprint = f[7] or nil,
     holder = f[8] or nil,
     settled_by = f[9] or nil,
-    taken_over_token = whole(tonumber(f[10])),
-    taken_over_lease_until = whole(tonumber(f[11])),
+    taken_over_token = taken_over_token,
+    taken_over_lease_until = taken_over_lease_until,
     response = f[12] or nil,
   }
 end
