@@ -122,8 +122,6 @@ pub enum StoreOp {
     Release,
     /// [`Store::renew`](idem_core::Store::renew).
     Renew,
-    /// [`Store::now`](idem_core::Store::now).
-    Now,
 }
 
 impl StoreOp {
@@ -134,7 +132,6 @@ impl StoreOp {
             StoreOp::Complete => "complete",
             StoreOp::Release => "release",
             StoreOp::Renew => "renew",
-            StoreOp::Now => "now",
         }
     }
 }
