@@ -50,6 +50,7 @@ mod error;
 mod fingerprint;
 mod key;
 mod memory;
+mod nonce;
 pub mod notify;
 pub mod record;
 mod scope;
@@ -63,6 +64,7 @@ pub use error::{BoxError, Error};
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use memory::MemoryStore;
+pub use nonce::Nonces;
 pub use record::{
     ClaimOutcome, ClaimRequest, Completion, FencingToken, Lease, Record, RecordState, StateKind,
 };

@@ -66,7 +66,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
-    ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Record, RecordId,
+    ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
     RecordState, StateKind, Store, Timestamp, WaitForCompletion, duration_millis,
 };
 use tokio::task::JoinHandle;
@@ -230,11 +230,16 @@ pub(crate) async fn prepared(
         .map_err(|e| pg_error(&format!("prepare {what}"), e))
 }
 
+/// A distinct holder nonce for a claim statement (the process's source is seeded from the
+/// operating system on first use).
 pub(crate) fn nonce() -> Result<[u8; 16], Error> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| Error::backend("no randomness for a claim nonce", e.to_string()))?;
-    Ok(bytes)
+    let source = Nonces::shared(|| {
+        let mut seed = [0u8; 16];
+        getrandom::fill(&mut seed)
+            .map_err(|e| Error::backend("no randomness for the nonce seed", e.to_string()))?;
+        Ok(seed)
+    })?;
+    Ok(source.next())
 }
 
 impl PostgresStore {

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use futures_util::stream;
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
-    ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Record, RecordId,
+    ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
     RecordState, Store, Timestamp, WaitForCompletion, duration_millis,
 };
 use redis::aio::ConnectionManagerConfig;
@@ -92,18 +92,24 @@ fn timed_out(what: &str) -> Error {
     }
 }
 
-/// `count` random nonces, as hex.
+/// The process's holder nonces (seeded from the operating system on first use).
+fn source() -> Result<&'static Nonces, Error> {
+    Nonces::shared(|| {
+        let mut seed = [0u8; 16];
+        getrandom::fill(&mut seed)
+            .map_err(|e| Error::backend("no randomness for the nonce seed", e.to_string()))?;
+        Ok(seed)
+    })
+}
+
+/// `count` distinct holder nonces, as hex.
 fn nonces(count: usize) -> Result<Vec<String>, Error> {
-    let mut bytes = vec![0u8; count * 16];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| Error::backend("no randomness for a nonce", e.to_string()))?;
-    Ok(bytes.chunks_exact(16).map(hex).collect())
+    let source = source()?;
+    Ok((0..count).map(|_| hex(&source.next())).collect())
 }
 
 fn nonce() -> Result<String, Error> {
-    nonces(1)?
-        .pop()
-        .ok_or_else(|| Error::backend("no randomness for a nonce", "empty"))
+    Ok(hex(&source()?.next()))
 }
 
 /// The major version in an `INFO server` reply.
