@@ -49,6 +49,7 @@
 mod error;
 mod fingerprint;
 mod key;
+pub mod lost;
 mod memory;
 mod nonce;
 pub mod notify;

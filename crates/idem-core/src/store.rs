@@ -39,9 +39,12 @@ use crate::{
 /// # Cancellation
 ///
 /// Dropping a returned future before it completes leaves the operation either applied or
-/// not. A dropped `claim` may have taken the record without its caller learning the
-/// token: the record then stays in flight until its lease passes and the next claim takes
-/// it over ([`ClaimOutcome::TookOver`]). No other operation can leave a record locked.
+/// not. A dropped `claim`, or one that failed after it may have reached the server, may
+/// have taken the record without its caller learning the token: the record then stays in
+/// flight until its lease passes and the next claim takes it over
+/// ([`ClaimOutcome::TookOver`]). A store SHOULD release such a record itself, as the
+/// PostgreSQL and Redis stores do ([`lost`](crate::lost)); it MUST NOT release one the
+/// claim took over from an earlier attempt. No other operation can leave a record locked.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Claims a record (see [`record::decide`](crate::record::decide) for the table).

@@ -11,7 +11,7 @@ use idem_core::{FencingToken, RecordState, Timestamp};
 
 use crate::combine::Batch;
 use crate::queries::Queries;
-use crate::{millis_i64, nonce, outcome_unknown, pg_error, pool_error, prepared, retryable, row};
+use crate::{millis_i64, outcome_unknown, pg_error, pool_error, prepared, retryable, row};
 use tokio_postgres::types::Type;
 
 /// Claims that lose a race with a concurrent writer re-run; this bounds the re-runs.
@@ -28,15 +28,31 @@ pub(crate) struct Claimer {
     pub(crate) queries: Arc<Queries>,
 }
 
+/// A claim and its holder nonce, which the claim writes on the record it takes: a claim
+/// whose answer was lost is recognised by it.
+#[derive(Clone, Debug)]
+pub(crate) struct Held {
+    pub(crate) request: ClaimRequest,
+    pub(crate) holder: [u8; 16],
+}
+
+impl std::ops::Deref for Held {
+    type Target = ClaimRequest;
+
+    fn deref(&self) -> &ClaimRequest {
+        &self.request
+    }
+}
+
 impl Batch for Claimer {
-    type Request = ClaimRequest;
+    type Request = Held;
     type Output = ClaimOutcome;
 
-    fn id(request: &ClaimRequest) -> RecordId {
-        request.id
+    fn id(held: &Held) -> RecordId {
+        held.id
     }
 
-    async fn run(&self, requests: &[ClaimRequest]) -> Vec<ClaimResult> {
+    async fn run(&self, requests: &[Held]) -> Vec<ClaimResult> {
         self.claim_each(requests).await
     }
 }
@@ -45,7 +61,7 @@ impl Claimer {
     /// Claims every request and answers each one on its own, in order: a record that fails
     /// to decode fails its own claim, not its neighbours'. Requests may repeat an id: a
     /// later occurrence is claimed in a later round and sees the earlier claim.
-    pub(crate) async fn claim_each(&self, requests: &[ClaimRequest]) -> Vec<ClaimResult> {
+    pub(crate) async fn claim_each(&self, requests: &[Held]) -> Vec<ClaimResult> {
         let n = requests.len();
         let mut results: Vec<Option<ClaimResult>> = (0..n).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..n).collect();
@@ -74,7 +90,7 @@ impl Claimer {
                     rest.push(i);
                 }
             }
-            let batch: Vec<&ClaimRequest> = round.iter().map(|&i| &requests[i]).collect();
+            let batch: Vec<&Held> = round.iter().map(|&i| &requests[i]).collect();
             match self.claim_round(&batch).await {
                 Ok(found) => {
                     for (i, result) in round.into_iter().zip(found) {
@@ -106,24 +122,20 @@ impl Claimer {
 
     /// Claims distinct ids in one statement. `None` for an id whose row changed under the
     /// statement's snapshot (a concurrent writer won a race): the caller claims it again.
-    async fn claim_round(
-        &self,
-        requests: &[&ClaimRequest],
-    ) -> Result<Vec<Option<ClaimResult>>, Error> {
-        let holder = nonce()?;
+    async fn claim_round(&self, requests: &[&Held]) -> Result<Vec<Option<ClaimResult>>, Error> {
         let client = self.pool.get().await.map_err(pool_error)?;
         if let [request] = requests {
-            return self.claim_single(client, request, &holder).await;
+            return self.claim_single(client, request).await;
         }
         // A batch first takes the ids without a row and reads the others' rows
         // (claim_first.sql), then runs the locking statement (claim.sql) only for the rows
         // it may take over.
         let rows = match self
-            .run_batch(&client, &self.queries.claim_first, requests, &holder)
+            .run_batch(&client, &self.queries.claim_first, requests)
             .await
         {
             Ok(rows) => rows,
-            Err(e) => return self.claim_failed(client, requests, &holder, e).await,
+            Err(e) => return self.claim_failed(client, requests, e).await,
         };
         let mut results = Vec::with_capacity(requests.len());
         let mut due = Vec::new();
@@ -140,16 +152,13 @@ impl Claimer {
         if due.is_empty() {
             return Ok(results);
         }
-        let again: Vec<&ClaimRequest> = due.iter().map(|&i| requests[i]).collect();
-        let taken = match self
-            .run_batch(&client, &self.queries.claim, &again, &holder)
-            .await
-        {
+        let again: Vec<&Held> = due.iter().map(|&i| requests[i]).collect();
+        let taken = match self.run_batch(&client, &self.queries.claim, &again).await {
             Ok(rows) => {
                 found(&again, &rows).map(|found| found.into_iter().map(Found::answer).collect())
             }
             // The first statement's claims stand: only these fail (or are read back).
-            Err(e) => self.claim_failed(client, &again, &holder, e).await,
+            Err(e) => self.claim_failed(client, &again, e).await,
         };
         match taken {
             Ok(taken) => {
@@ -173,8 +182,7 @@ impl Claimer {
         &self,
         client: &deadpool_postgres::Client,
         sql: &str,
-        requests: &[&ClaimRequest],
-        holder: &[u8; 16],
+        requests: &[&Held],
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
         let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
         let fingerprints: Vec<&[u8]> = requests
@@ -183,7 +191,7 @@ impl Claimer {
             .collect();
         let leases: Vec<i64> = requests.iter().map(|r| millis_i64(r.lease)).collect();
         let retentions: Vec<i64> = requests.iter().map(|r| millis_i64(r.retention)).collect();
-        let holders: Vec<&[u8]> = vec![&holder[..]; requests.len()];
+        let holders: Vec<&[u8]> = requests.iter().map(|r| &r.holder[..]).collect();
         client
             .query_typed(
                 sql,
@@ -208,20 +216,19 @@ impl Claimer {
     async fn claim_single(
         &self,
         client: deadpool_postgres::Client,
-        request: &ClaimRequest,
-        holder: &[u8; 16],
+        request: &Held,
     ) -> Result<Vec<Option<ClaimResult>>, Error> {
         let id = &request.id.as_bytes()[..];
         let fingerprint = &request.fingerprint.as_bytes()[..];
         let (lease, retention) = (millis_i64(request.lease), millis_i64(request.retention));
-        let holder_bytes = &holder[..];
+        let holder_bytes = &request.holder[..];
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&id, &fingerprint, &lease, &retention, &holder_bytes];
 
         let statement = prepared(&client, &self.queries.claim_one, "claim").await?;
         let rows = match client.query(&statement, &params).await {
             Ok(rows) => rows,
-            Err(e) => return self.claim_failed(client, &[request], holder, e).await,
+            Err(e) => return self.claim_failed(client, &[request], e).await,
         };
         let Some(row) = rows.first() else {
             return Ok(vec![None]);
@@ -234,7 +241,7 @@ impl Claimer {
         let statement = prepared(&client, &self.queries.take_over_one, "take over").await?;
         let rows = match client.query(&statement, &params).await {
             Ok(rows) => rows,
-            Err(e) => return self.claim_failed(client, &[request], holder, e).await,
+            Err(e) => return self.claim_failed(client, &[request], e).await,
         };
         Ok(vec![rows.first().and_then(|row| {
             Found::of(claim_row(row), request).answer()
@@ -246,8 +253,7 @@ impl Claimer {
     async fn claim_failed(
         &self,
         client: deadpool_postgres::Client,
-        requests: &[&ClaimRequest],
-        holder: &[u8; 16],
+        requests: &[&Held],
         e: tokio_postgres::Error,
     ) -> Result<Vec<Option<ClaimResult>>, Error> {
         if retryable(&e) {
@@ -255,7 +261,7 @@ impl Claimer {
         }
         if outcome_unknown(&e) {
             drop(client);
-            return self.resolve_lost_claims(requests, holder, e).await;
+            return self.resolve_lost_claims(requests, e).await;
         }
         Err(pg_error("claim", e))
     }
@@ -265,10 +271,11 @@ impl Claimer {
     /// claimed again by the caller.
     async fn resolve_lost_claims(
         &self,
-        requests: &[&ClaimRequest],
-        holder: &[u8; 16],
+        requests: &[&Held],
         cause: tokio_postgres::Error,
     ) -> Result<Vec<Option<ClaimResult>>, Error> {
+        // The caller then executes nothing; whatever the claims took is released once the
+        // server answers again (the store records them as lost).
         let unknown = || {
             Error::unavailable(
                 "postgres: the connection failed during a claim and its outcome could not be read back",
@@ -277,8 +284,9 @@ impl Claimer {
         };
         let client = self.pool.get().await.map_err(|_| unknown())?;
         let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
+        let holders: Vec<&[u8]> = requests.iter().map(|r| &r.holder[..]).collect();
         let rows = client
-            .query(&self.queries.claim_by_holder, &[&ids, &&holder[..]])
+            .query(&self.queries.claim_by_holder, &[&ids, &holders])
             .await
             .map_err(|_| unknown())?;
         let mut mine = HashMap::new();
@@ -353,7 +361,7 @@ impl Found {
 }
 
 /// Each request's row among a batch statement's rows (the requests' ids are distinct).
-fn found(requests: &[&ClaimRequest], rows: &[tokio_postgres::Row]) -> Result<Vec<Found>, Error> {
+fn found(requests: &[&Held], rows: &[tokio_postgres::Row]) -> Result<Vec<Found>, Error> {
     let mut by_id: HashMap<RecordId, Result<ClaimRow, Error>> = HashMap::with_capacity(rows.len());
     for row in rows {
         let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;

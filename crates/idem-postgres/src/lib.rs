@@ -47,23 +47,32 @@
 //! # Resolving lost answers
 //!
 //! When the connection fails while a claim is under way, whether the claim committed is
-//! unknown. Each claim writes a random nonce with its row; the store then reads the row back
-//! on a fresh connection and, if the nonce is its own, returns the lease it took. It never
-//! assumes either way.
+//! unknown. Each claim writes a nonce of its own with its row; the store then reads the row
+//! back on a fresh connection and, if the nonce is its own, returns the lease it took. It
+//! never assumes either way.
+//!
+//! A claim that still fails (the read-back failed too), or whose caller stops waiting for
+//! it, leaves a caller that executes nothing: a task of the store releases the record it
+//! took, if it took one, as soon as the server answers (`release_lost.sql`, matching the
+//! claim's nonce; see [`idem_core::lost`]). A record the claim took over from an earlier
+//! attempt is left in flight, as that attempt's outcome is still unknown.
+//! [`PostgresStore::lost_claims`] tells how many wait.
 
 mod claims;
 mod combine;
 mod completes;
+mod lost;
 mod migrate;
 mod queries;
 mod row;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use idem_core::lost::{LostClaim, LostClaims};
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
     ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
@@ -72,7 +81,7 @@ use idem_core::{
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
-use claims::Claimer;
+use claims::{Claimer, Held};
 use combine::Combiner;
 use completes::{Completer, Settled};
 pub use migrate::migrate;
@@ -170,6 +179,9 @@ pub struct PostgresStore {
     completes: Combiner<Completer>,
     notifier: Arc<CompletionNotifier>,
     listener: JoinHandle<()>,
+    /// Claims whose outcome was lost, and the task releasing what they hold.
+    lost: Arc<LostClaims>,
+    releaser: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -183,6 +195,7 @@ impl std::fmt::Debug for PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.listener.abort();
+        self.releaser.abort();
     }
 }
 
@@ -268,6 +281,13 @@ impl PostgresStore {
         migrate::check(&pool, &queries).await?;
         let notifier = Arc::new(CompletionNotifier::new());
         let listener = listen::start(config, queries.channel.clone(), notifier.clone()).await?;
+        let lost = Arc::new(LostClaims::default());
+        let releaser = lost::start(
+            pool.clone(),
+            queries.clone(),
+            notifier.clone(),
+            lost.clone(),
+        );
         let claimer = Claimer {
             pool: pool.clone(),
             queries: queries.clone(),
@@ -285,11 +305,21 @@ impl PostgresStore {
             queries,
             notifier,
             listener,
+            lost,
+            releaser,
         })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, Error> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Claims whose outcome was lost (the call failed after it may have run and reading the
+    /// outcome back failed too, or its caller stopped waiting) and whose records, if they
+    /// took any, are not released yet: a task releases them as soon as the server answers
+    /// (see [`idem_core::lost`]).
+    pub fn lost_claims(&self) -> usize {
+        self.lost.len()
     }
 
     /// Single claims waiting for a connection, to go to the server combined into one batch
@@ -357,7 +387,20 @@ impl PostgresStore {
 impl Store for PostgresStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
         request.validate()?;
-        self.claims.run(request.clone()).await
+        let held = Held {
+            request: request.clone(),
+            holder: nonce()?,
+        };
+        // Failed or abandoned (the caller went away), the claim is released by its nonce
+        // once the server answers: its caller executes nothing.
+        let pending = self
+            .lost
+            .pending(vec![LostClaim::new(request, held.holder, Instant::now())]);
+        let outcome = self.claims.run(held).await;
+        if outcome.is_ok() {
+            pending.answered();
+        }
+        outcome
     }
 
     async fn complete(
@@ -429,14 +472,31 @@ impl Store for PostgresStore {
     }
 
     async fn claim_batch(&self, requests: &[ClaimRequest]) -> Result<Vec<ClaimOutcome>, Error> {
+        let mut held = Vec::with_capacity(requests.len());
         for request in requests {
             request.validate()?;
+            held.push(Held {
+                request: request.clone(),
+                holder: nonce()?,
+            });
         }
-        self.claimer
-            .claim_each(requests)
+        // A failure fails the whole batch, so the claims that succeeded are lost with it.
+        let sent = Instant::now();
+        let pending = self.lost.pending(
+            held.iter()
+                .map(|h| LostClaim::new(&h.request, h.holder, sent))
+                .collect(),
+        );
+        let outcomes = self
+            .claimer
+            .claim_each(&held)
             .await
             .into_iter()
-            .collect()
+            .collect::<Result<Vec<_>, _>>();
+        if outcomes.is_ok() {
+            pending.answered();
+        }
+        outcomes
     }
 
     async fn purge_expired(&self, limit: usize) -> Result<usize, Error> {

@@ -22,6 +22,8 @@ pub(crate) struct Queries {
     /// Claims one id whose row may be taken over (`take_over_one.sql`).
     pub(crate) take_over_one: String,
     pub(crate) claim_by_holder: String,
+    /// Releases the records lost claims still hold (`release_lost.sql`).
+    pub(crate) release_lost: String,
     pub(crate) complete: String,
     /// Completes a batch of distinct ids (arrays).
     pub(crate) complete_batch: String,
@@ -90,6 +92,7 @@ impl Queries {
             claim_one: fill(include_str!("../queries/claim_one.sql")),
             take_over_one: fill(include_str!("../queries/take_over_one.sql")),
             claim_by_holder: fill(include_str!("../queries/claim_by_holder.sql")),
+            release_lost: fill(include_str!("../queries/release_lost.sql")),
             complete: fill(include_str!("../queries/complete.sql")),
             complete_batch: fill(include_str!("../queries/complete_batch.sql")),
             release: fill(include_str!("../queries/release.sql")),
@@ -147,6 +150,7 @@ mod tests {
             &q.claim_first,
             &q.claim_one,
             &q.take_over_one,
+            &q.release_lost,
             &q.complete,
             &q.release,
             &q.renew,

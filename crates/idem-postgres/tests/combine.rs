@@ -168,21 +168,28 @@ async fn queued_claims_go_as_one_statement_and_each_gets_its_own_answer() {
     // The corrupt record fails its own claim only.
     assert!(matches!(broken.await.unwrap(), Err(Error::Corrupt { .. })));
 
-    // The twenty claims went to the server in one statement: they carry one holder nonce.
+    // The twenty claims went to the server in one statement: one transaction wrote their
+    // rows (one xmin), each with its claim's own holder nonce.
     let ids: Vec<&[u8]> = fresh.iter().map(|r| &r.id.as_bytes()[..]).collect();
-    let holders = setup
+    let written = setup
         .other
         .query_one(
             &format!(
-                "SELECT count(DISTINCT holder), count(*) FROM {SCHEMA}.{} WHERE id = ANY($1)",
+                "SELECT count(DISTINCT xmin::text), count(DISTINCT holder), count(*) \
+                 FROM {SCHEMA}.{} WHERE id = ANY($1)",
                 setup.table
             ),
             &[&ids],
         )
         .await
         .unwrap();
-    assert_eq!(holders.get::<_, i64>(1), 20);
-    assert_eq!(holders.get::<_, i64>(0), 1, "one statement, one nonce");
+    assert_eq!(written.get::<_, i64>(2), 20);
+    assert_eq!(
+        written.get::<_, i64>(0),
+        1,
+        "one statement, one transaction"
+    );
+    assert_eq!(written.get::<_, i64>(1), 20, "a nonce per claim");
     // Every lease is real: each completes.
     for lease in leases {
         setup

@@ -88,6 +88,13 @@
 //! release carry a nonce the same way; renew is safe to repeat as it is. If the connection
 //! stays down, the operation fails with [`Error::Unavailable`] and its effect is unknown.
 //!
+//! A claim that fails that way, or whose caller stops waiting for it, leaves a caller that
+//! executes nothing: a task of the store releases the record it took, if it took one, as
+//! soon as the server answers (`release_lost.lua`, matching the claim's nonce; see
+//! [`idem_core::lost`]). A record the claim took over from an earlier attempt is left in
+//! flight, as that attempt's outcome is still unknown. [`RedisStore::lost_claims`] tells
+//! how many wait.
+//!
 //! # Notifications
 //!
 //! The scripts publish the record id when a record completes, is released or is removed.
@@ -115,6 +122,7 @@
 mod conn;
 mod error;
 mod keys;
+mod lost;
 mod notify;
 mod reply;
 mod scripts;

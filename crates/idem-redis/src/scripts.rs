@@ -31,6 +31,8 @@ static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| with_record(include_str!("../scripts/complete.lua")));
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| with_record(include_str!("../scripts/release.lua")));
+static RELEASE_LOST: LazyLock<Script> =
+    LazyLock::new(|| with_record(include_str!("../scripts/release_lost.lua")));
 static RENEW: LazyLock<Script> =
     LazyLock::new(|| with_record(include_str!("../scripts/renew.lua")));
 static GET: LazyLock<Script> = LazyLock::new(|| with_record(include_str!("../scripts/get.lua")));
@@ -139,6 +141,27 @@ pub(crate) async fn release(
         .arg(id.to_hex())
         .invoke_async(conn)
         .await
+}
+
+/// `release_lost.lua`: releases `id` if a lost claim with holder nonce `holder` (hex) took
+/// it; `true` if it did.
+pub(crate) async fn release_lost(
+    conn: &mut Conn,
+    keys: &Keys,
+    id: &RecordId,
+    holder: &str,
+    nonce: &str,
+) -> RedisResult<bool> {
+    let reply: Vec<String> = RELEASE_LOST
+        .key(keys.record(id))
+        .arg(holder)
+        .arg(nonce)
+        .arg(keys.publish_command())
+        .arg(keys.channel(id))
+        .arg(id.to_hex())
+        .invoke_async(conn)
+        .await?;
+    Ok(reply.first().is_some_and(|r| r == "released"))
 }
 
 pub(crate) async fn renew(

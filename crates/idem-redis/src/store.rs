@@ -3,12 +3,13 @@
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
+use idem_core::lost::{LostClaim, LostClaims};
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
     ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
@@ -24,6 +25,7 @@ use crate::RedisOptions;
 use crate::conn::{Conn, Target};
 use crate::error::{redis_error, refused, retryable, unexpected};
 use crate::keys::{Keys, hex};
+use crate::lost;
 use crate::notify::{Listener, Subscriptions, push_handler};
 use crate::reply::{self, Settled};
 use crate::scripts;
@@ -48,6 +50,9 @@ pub struct RedisStore {
     keys: Keys,
     notifier: Arc<CompletionNotifier>,
     wake: Wake,
+    /// Claims whose outcome was lost, and the task releasing what they hold.
+    lost: Arc<LostClaims>,
+    releaser: JoinHandle<()>,
 }
 
 /// How settlements in other processes reach this one's waiters.
@@ -76,6 +81,7 @@ impl Drop for RedisStore {
         if let Wake::Listener(task) = &self.wake {
             task.abort();
         }
+        self.releaser.abort();
     }
 }
 
@@ -102,12 +108,13 @@ fn source() -> Result<&'static Nonces, Error> {
     })
 }
 
-/// `count` distinct holder nonces, as hex.
-fn nonces(count: usize) -> Result<Vec<String>, Error> {
+/// `count` distinct holder nonces.
+fn nonces(count: usize) -> Result<Vec<[u8; 16]>, Error> {
     let source = source()?;
-    Ok((0..count).map(|_| hex(&source.next())).collect())
+    Ok((0..count).map(|_| source.next()).collect())
 }
 
+/// A distinct nonce, as hex.
 fn nonce() -> Result<String, Error> {
     Ok(hex(&source()?.next()))
 }
@@ -166,13 +173,7 @@ impl RedisStore {
             options.connect_timeout,
         )
         .await?;
-        Ok(Self {
-            conn,
-            routes: None,
-            keys,
-            notifier,
-            wake: Wake::Listener(listener),
-        })
+        Self::assemble(conn, None, keys, notifier, Wake::Listener(listener))
     }
 
     async fn connect_cluster(
@@ -210,13 +211,43 @@ impl RedisStore {
             // Claims go through the cluster connection until a reading succeeds.
             tracing::debug!(error = %e, "redis: reading the cluster's slot map failed");
         }
+        let wake = Wake::Sharded(Subscriptions::new(cluster, keys.clone()));
+        Self::assemble(conn, Some(Arc::new(routes)), keys, notifier, wake)
+    }
+
+    /// The store around its connection, with the task that releases lost claims.
+    fn assemble(
+        conn: Conn,
+        routes: Option<Arc<Routes>>,
+        keys: Keys,
+        notifier: Arc<CompletionNotifier>,
+        wake: Wake,
+    ) -> Result<Self, Error> {
+        let lost = Arc::new(LostClaims::default());
+        let releaser = lost::start(
+            conn.clone(),
+            keys.clone(),
+            notifier.clone(),
+            lost.clone(),
+            source()?,
+        );
         Ok(Self {
             conn,
-            routes: Some(Arc::new(routes)),
-            keys: keys.clone(),
+            routes,
+            keys,
             notifier,
-            wake: Wake::Sharded(Subscriptions::new(cluster, keys)),
+            wake,
+            lost,
+            releaser,
         })
+    }
+
+    /// Claims whose outcome was lost (the call failed after it may have run and sending it
+    /// again failed too, or its caller stopped waiting) and whose records, if they took any,
+    /// are not released yet: a task releases them as soon as the server answers (see
+    /// [`idem_core::lost`]).
+    pub fn lost_claims(&self) -> usize {
+        self.lost.len()
     }
 
     /// The key prefix.
@@ -517,7 +548,17 @@ async fn check_version(conn: &mut Conn) -> Result<(), Error> {
 impl Store for RedisStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
         request.validate()?;
-        self.claim_with(request, &nonce()?).await
+        let holder = source()?.next();
+        // Failed or abandoned (the caller went away), the claim is released by its nonce
+        // once the server answers: its caller executes nothing.
+        let pending = self
+            .lost
+            .pending(vec![LostClaim::new(request, holder, Instant::now())]);
+        let outcome = self.claim_with(request, &hex(&holder)).await;
+        if outcome.is_ok() {
+            pending.answered();
+        }
+        outcome
     }
 
     async fn complete(
@@ -588,11 +629,25 @@ impl Store for RedisStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let holders = nonces(requests.len())?;
-        match self.conn {
+        let raw = nonces(requests.len())?;
+        let holders: Vec<String> = raw.iter().map(|h| hex(h)).collect();
+        // A failure fails the whole batch, so the claims that succeeded are lost with it.
+        let sent = Instant::now();
+        let pending = self.lost.pending(
+            requests
+                .iter()
+                .zip(&raw)
+                .map(|(request, holder)| LostClaim::new(request, *holder, sent))
+                .collect(),
+        );
+        let outcomes = match self.conn {
             Conn::Standalone(_) => self.claim_pipeline(requests, &holders).await,
             Conn::Cluster(_) => self.claim_rounds(requests, &holders).await,
+        };
+        if outcomes.is_ok() {
+            pending.answered();
         }
+        outcomes
     }
 
     /// Always 0: every record's key expires by itself (`PEXPIREAT` at its `expires_at`).
@@ -691,6 +746,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn hex_nonces(count: usize) -> Vec<String> {
+        nonces(count).unwrap().iter().map(|n| hex(n)).collect()
+    }
     use idem_core::Fingerprint;
 
     /// A store on the server of `var` (set by scripts/test), under a prefix of its own.
@@ -785,7 +844,7 @@ mod tests {
         let a = request("batch-a", Duration::from_secs(5));
         let b = request("batch-b", Duration::from_secs(5));
         let requests = vec![a.clone(), b, a];
-        let holders = nonces(3).unwrap();
+        let holders = hex_nonces(3);
         let (first, again) = match store.conn {
             Conn::Standalone(_) => (
                 store.claim_pipeline(&requests, &holders).await.unwrap(),
@@ -943,7 +1002,7 @@ mod tests {
         routes.pretend_every_slot_is_on_the_master_of(pretended);
 
         let before = routes.fallbacks();
-        let holders = nonces(requests.len()).unwrap();
+        let holders = hex_nonces(requests.len());
         let mut outcomes = Vec::new();
         for (r, holder) in requests.iter().zip(&holders) {
             let outcome = store.claim_with(r, holder).await.unwrap();
@@ -1117,7 +1176,7 @@ mod tests {
 
     #[test]
     fn nonces_differ() {
-        let n = nonces(3).unwrap();
+        let n = hex_nonces(3);
         assert_eq!(n.len(), 3);
         assert_eq!(n[0].len(), 32);
         assert!(n[0] != n[1] && n[1] != n[2]);

@@ -19,10 +19,16 @@ struct Arm {
     /// The answer is complete once the server sent these bytes (for PostgreSQL the
     /// `ReadyForQuery` message, sent after the commit); `None`: its first bytes.
     until: Option<Vec<u8>>,
+    /// Requests containing `pattern` to let through (answered) before the one whose answer
+    /// is lost.
+    skip: usize,
     /// From then on, cut every other connection and refuse new ones, until
     /// [`LossyProxy::heal`]: the server is unreachable, so the client cannot read back what
     /// happened.
     then_refuse: bool,
+    /// Keep the connection open, answering nothing more on it, until
+    /// [`LossyProxy::drop_held`]: the client waits for an answer that does not come.
+    hold: bool,
 }
 
 #[derive(Default)]
@@ -30,6 +36,9 @@ struct State {
     arm: Mutex<Option<Arm>>,
     lost: AtomicU64,
     refusing: AtomicBool,
+    /// Ends the connections holding an answer.
+    drop_held: tokio::sync::Notify,
+    held_dropped: AtomicBool,
     /// The open connections' forwarding tasks, by connection number.
     connections: Mutex<HashMap<u64, AbortHandle>>,
     next: AtomicU64,
@@ -74,11 +83,44 @@ impl LossyProxy {
 
     /// Loses the answer to the next request that contains `pattern` (see [`Arm`]).
     pub fn lose_answer_to(&self, pattern: &[u8], until: Option<&[u8]>, then_refuse: bool) {
+        self.lose_later_answer_to(pattern, until, then_refuse, 0);
+    }
+
+    /// Lets `skip` requests that contain `pattern` through, and loses the answer to the
+    /// next one (see [`Arm`]).
+    pub fn lose_later_answer_to(
+        &self,
+        pattern: &[u8],
+        until: Option<&[u8]>,
+        then_refuse: bool,
+        skip: usize,
+    ) {
         *self.state.arm.lock().unwrap() = Some(Arm {
             pattern: pattern.to_vec(),
             until: until.map(<[u8]>::to_vec),
+            skip,
             then_refuse,
+            hold: false,
         });
+    }
+
+    /// Holds back the answer to the next request that contains `pattern` (the request runs
+    /// on the server), and every later answer on its connection, until
+    /// [`drop_held`](Self::drop_held).
+    pub fn hold_answer_to(&self, pattern: &[u8], until: Option<&[u8]>) {
+        *self.state.arm.lock().unwrap() = Some(Arm {
+            pattern: pattern.to_vec(),
+            until: until.map(<[u8]>::to_vec),
+            skip: 0,
+            then_refuse: false,
+            hold: true,
+        });
+    }
+
+    /// Closes the connections holding an answer: the answer is lost.
+    pub fn drop_held(&self) {
+        self.state.held_dropped.store(true, Ordering::SeqCst);
+        self.state.drop_held.notify_waiters();
     }
 
     /// How many answers were lost so far.
@@ -120,10 +162,15 @@ async fn forward(n: u64, client: TcpStream, server: TcpStream, state: Arc<State>
             window.extend_from_slice(&buffer[..n_read]);
             let hit = {
                 let mut arm = state.arm.lock().unwrap();
-                if arm.as_ref().is_some_and(|a| contains(&window, &a.pattern)) {
-                    arm.take()
-                } else {
-                    None
+                match arm.as_mut() {
+                    Some(a) if contains(&window, &a.pattern) && a.skip > 0 => {
+                        a.skip -= 1;
+                        // The pattern must not be found again in this request's bytes.
+                        window.clear();
+                        None
+                    }
+                    Some(a) if contains(&window, &a.pattern) => arm.take(),
+                    _ => None,
                 }
             };
             if let Some(arm) = hit {
@@ -161,6 +208,15 @@ async fn forward(n: u64, client: TcpStream, server: TcpStream, state: Arc<State>
                 discarded.extend_from_slice(&buffer[..n_read]);
                 if arm.until.as_ref().is_none_or(|u| contains(&discarded, u)) {
                     state.lost.fetch_add(1, Ordering::SeqCst);
+                    if arm.hold {
+                        loop {
+                            let dropped = state.drop_held.notified();
+                            if state.held_dropped.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            dropped.await;
+                        }
+                    }
                     break;
                 }
                 continue;

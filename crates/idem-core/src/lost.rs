@@ -1,0 +1,273 @@
+//! Claims whose outcome a store could not learn, kept until they are released.
+//!
+//! A claim call that fails after its command may have reached the server (the connection
+//! dropped, the answer timed out, and reading the outcome back failed too) leaves the
+//! caller with an error, so the caller executes nothing. Yet the claim may have taken the
+//! record: it would then stay in flight until its lease ends, every retry would get
+//! "in flight", and the next claim after the lease would take it over and find an attempt
+//! whose outcome is unknown, although nothing was executed.
+//!
+//! A store that reports such an error records the claim's id and holder nonce here. A task
+//! of the store's then releases every record still held under one of these nonces, as soon
+//! as the server answers again, so that a retry executes the request once. The nonce is what
+//! makes this safe: it was the failed call's alone, so a record that carries it was taken by
+//! a claim whose caller executed nothing. A record the lost claim took over from an earlier
+//! attempt is left in flight: that earlier attempt's outcome is still unknown, and the next
+//! claim after the lease must learn so.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::{ClaimRequest, RecordId};
+
+/// One claim whose outcome is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostClaim {
+    /// The record the claim was for.
+    pub id: RecordId,
+    /// The claim's holder nonce.
+    pub holder: [u8; 16],
+    /// When the record expires at the latest (the claim's lease and retention from when it
+    /// failed); past it there is nothing left to release.
+    pub until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    /// Waiting for an attempt.
+    waiting: Vec<LostClaim>,
+    /// Taken for an attempt that has not finished.
+    attempting: usize,
+}
+
+impl LostClaim {
+    /// `request`'s claim with holder nonce `holder`, sent at `sent`.
+    pub fn new(request: &ClaimRequest, holder: [u8; 16], sent: Instant) -> Self {
+        Self {
+            id: request.id,
+            holder,
+            until: sent + request.lease.saturating_add(request.retention),
+        }
+    }
+}
+
+/// The lost claims of a store, waiting to be released.
+#[derive(Debug)]
+pub struct LostClaims {
+    claims: Mutex<Claims>,
+    capacity: usize,
+    /// Lost claims refused because the list was full.
+    refused: AtomicU64,
+    added: Notify,
+}
+
+impl Default for LostClaims {
+    /// Room for 100,000 lost claims (a few MiB).
+    fn default() -> Self {
+        Self::new(100_000)
+    }
+}
+
+impl LostClaims {
+    /// Room for `capacity` claims: past it, [`add`](Self::add) refuses, and such a record
+    /// stays in flight until its lease ends, as it would without this list.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            claims: Mutex::new(Claims::default()),
+            capacity,
+            refused: AtomicU64::new(0),
+            added: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims under way: unless [answered](Pending::answered), they are recorded as lost
+    /// when the returned guard drops (the call failed, or its caller went away).
+    pub fn pending(&self, claims: Vec<LostClaim>) -> Pending<'_> {
+        Pending { lost: self, claims }
+    }
+
+    /// Records a lost claim; `false` if the list is full.
+    pub fn add(&self, claim: LostClaim) -> bool {
+        let mut claims = self.lock();
+        if claims.waiting.len() + claims.attempting >= self.capacity {
+            drop(claims);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        claims.waiting.push(claim);
+        drop(claims);
+        self.added.notify_one();
+        true
+    }
+
+    /// How many lost claims are not settled: waiting, or taken for an attempt that has
+    /// not [finished](Self::finish).
+    pub fn len(&self) -> usize {
+        let claims = self.lock();
+        claims.waiting.len() + claims.attempting
+    }
+
+    /// Lost claims refused so far because the list was full: their records, if they took
+    /// any, stay held until their leases end.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether every lost claim is settled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until a lost claim waits for an attempt (at once if one does).
+    pub async fn wait(&self) {
+        loop {
+            let added = self.added.notified();
+            if !self.lock().waiting.is_empty() {
+                return;
+            }
+            added.await;
+        }
+    }
+
+    /// Takes every waiting claim that can still be released at `now` for an attempt,
+    /// dropping the others. The attempt ends with [`finish`](Self::finish).
+    pub fn take(&self, now: Instant) -> Vec<LostClaim> {
+        let mut claims = self.lock();
+        let mut taken = std::mem::take(&mut claims.waiting);
+        taken.retain(|c| c.until > now);
+        claims.attempting += taken.len();
+        taken
+    }
+
+    /// Ends the attempt on `taken` claims (as many as [`take`](Self::take) returned):
+    /// `unsettled`, those of them the attempt could not settle (the server did not answer),
+    /// wait for the next one.
+    pub fn finish(&self, taken: usize, unsettled: Vec<LostClaim>) {
+        let mut claims = self.lock();
+        claims.attempting = claims.attempting.saturating_sub(taken);
+        if unsettled.is_empty() {
+            return;
+        }
+        claims.waiting.extend(unsettled);
+        drop(claims);
+        self.added.notify_one();
+    }
+}
+
+/// Claims under way, recorded as lost when dropped unless [answered](Self::answered): the
+/// caller of a claim that failed, or that it stopped waiting for, executes nothing.
+#[derive(Debug)]
+#[must_use = "dropping the guard records its claims as lost"]
+pub struct Pending<'a> {
+    lost: &'a LostClaims,
+    claims: Vec<LostClaim>,
+}
+
+impl Pending<'_> {
+    /// The caller has the claims' outcomes: none of them is lost.
+    pub fn answered(mut self) {
+        self.claims.clear();
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        for claim in self.claims.drain(..) {
+            self.lost.add(claim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn claim(n: u8, until: Instant) -> LostClaim {
+        LostClaim {
+            id: RecordId::for_event("lost", &n.to_string()),
+            holder: [n; 16],
+            until,
+        }
+    }
+
+    #[test]
+    fn claims_are_taken_until_they_expire_and_unsettled_ones_come_back() {
+        let lost = LostClaims::new(10);
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        assert!(lost.add(claim(1, later)));
+        assert!(lost.add(claim(2, now)));
+        assert_eq!(lost.len(), 2);
+        // The second has expired by `now`: nothing is left of it to release.
+        assert_eq!(lost.take(now), vec![claim(1, later)]);
+        // Taken for an attempt, it still counts until the attempt finishes.
+        assert_eq!(lost.len(), 1);
+        assert!(lost.take(now).is_empty());
+        lost.finish(1, vec![claim(1, later)]);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost.take(now), vec![claim(1, later)]);
+        lost.finish(1, Vec::new());
+        assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn a_full_list_refuses() {
+        let lost = LostClaims::new(1);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(lost.add(claim(1, later)));
+        assert!(!lost.add(claim(2, later)));
+        assert_eq!((lost.len(), lost.refused()), (1, 1));
+    }
+
+    #[test]
+    fn pending_claims_are_lost_unless_answered() {
+        let lost = LostClaims::new(10);
+        let later = Instant::now() + Duration::from_secs(60);
+        lost.pending(vec![claim(1, later), claim(2, later)])
+            .answered();
+        assert!(lost.is_empty());
+        drop(lost.pending(vec![claim(1, later), claim(2, later)]));
+        assert_eq!(
+            lost.take(Instant::now()),
+            vec![claim(1, later), claim(2, later)]
+        );
+    }
+
+    #[test]
+    fn a_lost_claim_lasts_as_long_as_its_record_can() {
+        let request = ClaimRequest::new(
+            RecordId::for_event("lost", "1"),
+            crate::Fingerprint::of_bytes(b"x"),
+        )
+        .with_lease(Duration::from_secs(30))
+        .with_retention(Duration::from_secs(3600));
+        let sent = Instant::now();
+        let claim = LostClaim::new(&request, [9; 16], sent);
+        assert_eq!(claim.until, sent + Duration::from_secs(3630));
+        assert_eq!((claim.id, claim.holder), (request.id, [9; 16]));
+    }
+
+    #[tokio::test]
+    async fn waiting_ends_when_a_claim_is_added() {
+        let lost = std::sync::Arc::new(LostClaims::new(10));
+        let waiter = tokio::spawn({
+            let lost = lost.clone();
+            async move { lost.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        lost.add(claim(1, Instant::now() + Duration::from_secs(60)));
+        waiter.await.unwrap();
+        // With a claim waiting, waiting ends at once.
+        lost.wait().await;
+    }
+}

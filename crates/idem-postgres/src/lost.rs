@@ -1,0 +1,96 @@
+//! The task that releases the records held by claims whose outcome was lost
+//! ([`idem_core::lost`]): `release_lost.sql` for every lost claim, as soon as the server
+//! answers again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use idem_core::lost::{LostClaim, LostClaims};
+use idem_core::notify::CompletionNotifier;
+use idem_core::{Error, RecordId};
+use tokio::task::JoinHandle;
+
+use crate::queries::Queries;
+use crate::{pg_error, pool_error, row};
+
+/// The pause before the first attempt, and after an attempt the server answered.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// The longest pause between attempts while the server does not answer.
+const MAX_RETRY: Duration = Duration::from_secs(1);
+/// How long one attempt may take (a server that hangs rather than refuses).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the task; it runs until aborted.
+pub(crate) fn start(
+    pool: Pool,
+    queries: Arc<Queries>,
+    notifier: Arc<CompletionNotifier>,
+    lost: Arc<LostClaims>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut delay = FIRST_RETRY;
+        loop {
+            lost.wait().await;
+            tokio::time::sleep(delay).await;
+            let claims = lost.take(Instant::now());
+            if claims.is_empty() {
+                continue;
+            }
+            let taken = claims.len();
+            let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, release(&pool, &queries, &claims));
+            let result = attempt.await.unwrap_or_else(|_| {
+                Err(Error::Unavailable {
+                    message: "postgres: releasing lost claims timed out".into(),
+                    source: None,
+                })
+            });
+            match result {
+                Ok(released) => {
+                    tracing::info!(
+                        lost = claims.len(),
+                        released = released.len(),
+                        "postgres: released the records still held by claims whose answer was lost"
+                    );
+                    for id in &released {
+                        notifier.notify(id);
+                    }
+                    lost.finish(taken, Vec::new());
+                    delay = FIRST_RETRY;
+                }
+                Err(error @ Error::Unavailable { .. }) => {
+                    tracing::debug!(%error, lost = claims.len(), "postgres: lost claims not released yet");
+                    lost.finish(taken, claims);
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, lost = claims.len(), "postgres: releasing lost claims failed");
+                    lost.finish(taken, claims);
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    })
+}
+
+/// Runs `release_lost.sql` for `claims`; the ids it released.
+async fn release(
+    pool: &Pool,
+    queries: &Queries,
+    claims: &[LostClaim],
+) -> Result<Vec<RecordId>, Error> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let ids: Vec<&[u8]> = claims.iter().map(|c| &c.id.as_bytes()[..]).collect();
+    let holders: Vec<&[u8]> = claims.iter().map(|c| &c.holder[..]).collect();
+    let rows = client
+        .query(&queries.release_lost, &[&ids, &holders])
+        .await
+        .map_err(|e| pg_error("release lost claims", e))?;
+    rows.iter()
+        .map(|row| {
+            let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
+            RecordId::from_slice(id)
+                .ok_or_else(|| Error::corrupt("postgres: a record id is not 32 bytes"))
+        })
+        .collect()
+}

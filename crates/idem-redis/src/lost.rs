@@ -1,0 +1,95 @@
+//! The task that releases the records held by claims whose outcome was lost
+//! ([`idem_core::lost`]): `release_lost.lua` for every lost claim, as soon as the server
+//! answers again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::lost::{LostClaim, LostClaims};
+use idem_core::notify::CompletionNotifier;
+use idem_core::{Error, Nonces};
+use tokio::task::JoinHandle;
+
+use crate::conn::Conn;
+use crate::error::redis_error;
+use crate::keys::{Keys, hex};
+use crate::scripts;
+
+/// The pause before the first attempt, and after an attempt the server answered.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// The longest pause between attempts while the server does not answer.
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// Starts the task; it runs until aborted.
+pub(crate) fn start(
+    conn: Conn,
+    keys: Keys,
+    notifier: Arc<CompletionNotifier>,
+    lost: Arc<LostClaims>,
+    nonces: &'static Nonces,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut delay = FIRST_RETRY;
+        loop {
+            lost.wait().await;
+            tokio::time::sleep(delay).await;
+            let claims = lost.take(Instant::now());
+            let taken = claims.len();
+            let mut claims = claims.into_iter();
+            let mut unsettled = Vec::new();
+            let (mut released, mut kept) = (0, 0);
+            let mut unavailable = false;
+            while let Some(claim) = claims.next() {
+                match release(&conn, &keys, &claim, nonces).await {
+                    Ok(true) => {
+                        notifier.notify(&claim.id);
+                        released += 1;
+                    }
+                    Ok(false) => kept += 1,
+                    Err(error @ Error::Unavailable { .. }) => {
+                        tracing::debug!(%error, "redis: lost claims not released yet");
+                        // This claim and the ones not tried wait for the next attempt.
+                        unsettled = std::iter::once(claim).chain(claims).collect();
+                        unavailable = true;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, record = %claim.id, "redis: releasing a lost claim failed");
+                    }
+                }
+            }
+            lost.finish(taken, unsettled);
+            if released + kept > 0 {
+                tracing::info!(
+                    released,
+                    kept,
+                    "redis: released the records still held by claims whose answer was lost"
+                );
+            }
+            delay = if unavailable {
+                (delay * 2).min(MAX_RETRY)
+            } else {
+                FIRST_RETRY
+            };
+        }
+    })
+}
+
+/// Runs `release_lost.lua` for one lost claim: whether it released the record.
+async fn release(
+    conn: &Conn,
+    keys: &Keys,
+    claim: &LostClaim,
+    nonces: &Nonces,
+) -> Result<bool, Error> {
+    let mut conn = conn.clone();
+    scripts::release_lost(
+        &mut conn,
+        keys,
+        &claim.id,
+        &hex(&claim.holder),
+        &hex(&nonces.next()),
+    )
+    .await
+    .map_err(|e| redis_error("release a lost claim", e))
+}
