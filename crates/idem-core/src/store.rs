@@ -44,7 +44,9 @@ use crate::{
 /// flight until its lease passes and the next claim takes it over
 /// ([`ClaimOutcome::TookOver`]). A store SHOULD release such a record itself, as the
 /// PostgreSQL and Redis stores do ([`lost`](crate::lost)); it MUST NOT release one the
-/// claim took over from an earlier attempt. No other operation can leave a record locked.
+/// claim took over from an earlier attempt. A caller that executes after a failed claim
+/// anyway (a gateway route that fails open) does so without deduplication. No other
+/// operation can leave a record locked.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Claims a record (see [`record::decide`](crate::record::decide) for the table).

@@ -47,24 +47,27 @@ pub(crate) fn start(
             });
             match result {
                 Ok(released) => {
-                    tracing::info!(
-                        lost = claims.len(),
-                        released = released.len(),
-                        "postgres: released the records still held by claims whose answer was lost"
-                    );
+                    if released.is_empty() {
+                        tracing::debug!(lost = taken, "postgres: lost claims held no record");
+                    } else {
+                        tracing::info!(
+                            lost = taken,
+                            released = released.len(),
+                            "postgres: released the records still held by claims whose answer was lost"
+                        );
+                    }
                     for id in &released {
                         notifier.notify(id);
                     }
                     lost.finish(taken, Vec::new());
                     delay = FIRST_RETRY;
                 }
-                Err(error @ Error::Unavailable { .. }) => {
-                    tracing::debug!(%error, lost = claims.len(), "postgres: lost claims not released yet");
-                    lost.finish(taken, claims);
-                    delay = (delay * 2).min(MAX_RETRY);
-                }
                 Err(error) => {
-                    tracing::warn!(%error, lost = claims.len(), "postgres: releasing lost claims failed");
+                    if matches!(error, Error::Unavailable { .. }) {
+                        tracing::debug!(%error, lost = taken, "postgres: lost claims not released yet");
+                    } else {
+                        tracing::warn!(%error, lost = taken, "postgres: releasing lost claims failed");
+                    }
                     lost.finish(taken, claims);
                     delay = (delay * 2).min(MAX_RETRY);
                 }

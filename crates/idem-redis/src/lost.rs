@@ -59,12 +59,14 @@ pub(crate) fn start(
                 }
             }
             lost.finish(taken, unsettled);
-            if released + kept > 0 {
+            if released > 0 {
                 tracing::info!(
                     released,
                     kept,
                     "redis: released the records still held by claims whose answer was lost"
                 );
+            } else if kept > 0 {
+                tracing::debug!(kept, "redis: lost claims held no record");
             }
             delay = if unavailable {
                 (delay * 2).min(MAX_RETRY)
