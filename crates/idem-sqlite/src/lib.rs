@@ -31,10 +31,15 @@
 //! The file is in WAL mode with `synchronous = FULL`: every operation's answer is sent
 //! only after the transaction that contains it committed and the write-ahead log was
 //! synced to disk (`F_FULLFSYNC` on macOS). A claim that was answered survives a crash of
-//! the process (`kill -9`) and a power loss; one that was not answered may or may not
-//! have been applied (a dropped claim is taken over when its lease passes). If a commit
-//! fails, every operation in it gets an error: nothing is reported done that is not on
-//! disk.
+//! the process (`kill -9`) and a power loss; one that was not answered when the process
+//! died may or may not have been applied (it is taken over when its lease passes). If a
+//! commit fails, every operation in it gets an error: nothing is reported done that is not
+//! on disk.
+//!
+//! A claim whose caller stops waiting for it (a client that went away, a timeout) is not
+//! applied if the writer has not reached it yet; if it was applied, the record it acquired
+//! is released right after, as its caller executes nothing. A record it took over from an
+//! earlier attempt stays in flight: that attempt's outcome is still unknown.
 //!
 //! # How it works
 //!

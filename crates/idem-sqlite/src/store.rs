@@ -21,7 +21,7 @@ use crate::readers::Readers;
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::schema;
 use crate::stats::{Counters, SqliteStats};
-use crate::writer::{Done, Writer};
+use crate::writer::{Done, Writer, task};
 
 /// The embedded [`Store`]: records in one SQLite file, claims durable before they are
 /// answered, concurrent operations grouped into shared transactions.
@@ -59,6 +59,27 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// What becomes of claims whose caller went away after they were applied, before their
+    /// answer: each record a claim acquired is released (its caller executes nothing); one
+    /// it took over from an earlier attempt stays in flight, as that attempt's outcome is
+    /// still unknown. The release is queued behind the claims (if the queue is full, the
+    /// record stays held until its lease passes, as the claim's would).
+    fn release_unanswered(&self) -> impl Fn(&[ClaimOutcome]) + Send + 'static {
+        let queue = self.writer.queue();
+        move |outcomes| {
+            let Some(queue) = &queue else { return };
+            for outcome in outcomes {
+                if let ClaimOutcome::Acquired(lease) = outcome {
+                    let (id, token) = (lease.id, lease.token);
+                    let (op, _) = task(move |db| ops::release(db, &id, token));
+                    if queue.try_send(op).is_err() {
+                        tracing::warn!(record = %id, "sqlite: the writer's queue is full; an abandoned claim's record stays held until its lease ends");
+                    }
+                }
+            }
+        }
+    }
+
     /// Opens the store in the file at `path`, creating it if it does not exist.
     ///
     /// # Errors
@@ -176,8 +197,12 @@ impl Store for SqliteStore {
             return Ok(replay);
         }
         let request = request.clone();
+        let release = self.release_unanswered();
         self.writer
-            .run(move |db| ops::claim(db, &request).map(Done::quiet))
+            .run_for_caller(
+                move |db| ops::claim(db, &request).map(Done::quiet),
+                Box::new(move |outcome| release(std::slice::from_ref(&outcome))),
+            )
             .await
     }
 
@@ -224,8 +249,12 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let requests = requests.to_vec();
+        let release = self.release_unanswered();
         self.writer
-            .run(move |db| ops::claim_batch(db, &requests))
+            .run_for_caller(
+                move |db| ops::claim_batch(db, &requests),
+                Box::new(move |outcomes: Vec<ClaimOutcome>| release(&outcomes)),
+            )
             .await
     }
 
@@ -288,5 +317,51 @@ impl Inspect for SqliteStore {
     async fn remove(&self, id: &RecordId) -> Result<bool, Error> {
         let id = *id;
         self.writer.run(move |db| ops::remove(db, &id)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use idem_core::{Fingerprint, ManualClock};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unanswered_claim_releases_what_it_acquired_and_keeps_what_it_took_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let options = SqliteOptions::default()
+            .with_clock(Arc::new(clock.clone()))
+            .with_reaper_interval(None);
+        let store = SqliteStore::open(dir.path().join("idem.db"), options).unwrap();
+        let request = |event: &str| {
+            ClaimRequest::new(
+                RecordId::for_event("unanswered", event),
+                Fingerprint::of_bytes(b"x"),
+            )
+            .with_lease(Duration::from_secs(10))
+        };
+        let (fresh, stale) = (request("fresh"), request("stale"));
+        let acquired = store.claim(&fresh).await.unwrap();
+        store.claim(&stale).await.unwrap();
+        clock.advance(Duration::from_secs(11));
+        let took_over = store.claim(&stale).await.unwrap();
+        assert!(matches!(took_over, ClaimOutcome::TookOver { .. }));
+
+        // As if the callers of both claims had gone before their answers came.
+        (store.release_unanswered())(&[acquired, took_over]);
+        // The release is queued behind them; an operation after it sees it applied.
+        store.claim(&request("after")).await.unwrap();
+        let state = |record: Option<Record>| record.unwrap().state;
+        assert!(matches!(
+            state(store.get(&fresh.id).await.unwrap()),
+            RecordState::Released { .. }
+        ));
+        assert!(matches!(
+            state(store.get(&stale.id).await.unwrap()),
+            RecordState::InFlight { .. }
+        ));
     }
 }

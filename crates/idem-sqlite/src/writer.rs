@@ -52,11 +52,18 @@ pub(crate) trait Pending: Send {
     fn finish(self: Box<Self>, failure: Option<&SharedFailure>);
 }
 
+/// What to do with the answer of an operation whose caller stopped waiting for it.
+pub(crate) type Unanswered<T> = Box<dyn FnOnce(T) + Send>;
+
 /// A [`Pending`] operation from a closure and the channel its answer goes back on.
 struct Task<T, F> {
     work: Option<F>,
     result: Option<Result<Done<T>, Error>>,
     reply: oneshot::Sender<Result<T, Error>>,
+    /// Set for an operation that is pointless once its caller has gone (a claim): it is not
+    /// applied if the caller went away while it was queued, and its answer goes here if the
+    /// caller went away later, before the answer came.
+    unanswered: Option<Unanswered<T>>,
 }
 
 /// Makes an operation of `work`; the receiver gets its answer.
@@ -70,6 +77,7 @@ where
         work: Some(work),
         result: None,
         reply,
+        unanswered: None,
     };
     (Box::new(task), answer)
 }
@@ -83,6 +91,13 @@ where
         let Some(work) = self.work.take() else {
             return false;
         };
+        if self.unanswered.is_some() && self.reply.is_closed() {
+            self.result = Some(Err(Error::Unavailable {
+                message: "the caller stopped waiting; the operation was not applied".into(),
+                source: None,
+            }));
+            return false;
+        }
         let result = catch_unwind(AssertUnwindSafe(|| work(db))).unwrap_or_else(|_| {
             Err(Error::Backend {
                 message: format!("{}: the operation panicked", db.shared.path),
@@ -111,8 +126,12 @@ where
             }),
         };
         // The caller may have stopped waiting (its future was dropped); the operation
-        // stands all the same.
-        let _ = self.reply.send(answer);
+        // stands all the same, unless it says what to do with an answer nobody received.
+        if let Err(Ok(value)) = self.reply.send(answer)
+            && let Some(unanswered) = self.unanswered
+        {
+            unanswered(value);
+        }
     }
 }
 
@@ -171,7 +190,35 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
     {
-        let (op, answer) = task(work);
+        self.send(task(work)).await
+    }
+
+    /// [`run`](Self::run) for an operation that is pointless once its caller has gone (a
+    /// claim): not applied if the caller goes away while it is queued, and handed to
+    /// `unanswered` if the caller goes away after it was applied, before its answer.
+    pub(crate) async fn run_for_caller<T, F>(
+        &self,
+        work: F,
+        unanswered: Unanswered<T>,
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = Box::new(Task {
+            work: Some(work),
+            result: None,
+            reply,
+            unanswered: Some(unanswered),
+        });
+        self.send((op, answer)).await
+    }
+
+    async fn send<T>(
+        &self,
+        (op, answer): (Box<dyn Pending>, oneshot::Receiver<Result<T, Error>>),
+    ) -> Result<T, Error> {
         let path = &self.shared.path;
         let queue = self
             .queue
@@ -264,4 +311,51 @@ fn apply_batch(db: &Db<'_>, batch: &mut [Box<dyn Pending>]) -> Result<(), Shared
         let _ = db.conn.execute_batch("ROLLBACK");
     }
     committed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A task whose operation was applied with `value`, answering on `reply`.
+    fn applied(
+        value: u32,
+        reply: oneshot::Sender<Result<u32, Error>>,
+        unanswered: Option<Unanswered<u32>>,
+    ) -> Box<dyn Pending> {
+        Box::new(Task {
+            work: None::<fn(&Db<'_>) -> Result<Done<u32>, Error>>,
+            result: Some(Ok(Done::quiet(value))),
+            reply,
+            unanswered,
+        })
+    }
+
+    #[test]
+    fn an_answer_nobody_receives_goes_to_its_handler() {
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let handler = |handled: &Arc<Mutex<Vec<u32>>>| -> Unanswered<u32> {
+            let handled = handled.clone();
+            Box::new(move |value| handled.lock().unwrap().push(value))
+        };
+
+        // Received: the handler is not called.
+        let (reply, mut answer) = oneshot::channel();
+        applied(1, reply, Some(handler(&handled))).finish(None);
+        assert_eq!(answer.try_recv().unwrap().unwrap(), 1);
+
+        // Nobody waits: the handler gets the answer.
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        applied(2, reply, Some(handler(&handled))).finish(None);
+        assert_eq!(*handled.lock().unwrap(), vec![2]);
+
+        // A plain operation whose caller went away simply stands.
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        applied(3, reply, None).finish(None);
+        assert_eq!(*handled.lock().unwrap(), vec![2]);
+    }
 }

@@ -652,3 +652,22 @@ async fn invalid_options_are_refused() {
     }
     assert!(!fx.path().exists(), "nothing was created");
 }
+
+/// A claim whose caller went away before the writer applied it is not applied: its record
+/// stays free, and the next claim acquires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_abandoned_while_queued_is_not_applied() {
+    let fx = Fixture::new();
+    let store = SqliteStore::open(fx.path(), fx.options().with_busy_timeout(DEADLINE)).unwrap();
+    // Another connection holds the write lock, so the writer waits.
+    let blocker = fx.sqlite();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(100), store.claim(&request(1))).await;
+    assert!(abandoned.is_err(), "the claim waits for the writer");
+    blocker.execute_batch("COMMIT").unwrap();
+    // Operations run in order: once this one is answered, the abandoned one was passed.
+    acquire(&store, &request(2)).await;
+    assert_eq!(store.get(&id(1)).await.unwrap(), None);
+    acquire(&store, &request(1)).await;
+}
