@@ -30,8 +30,12 @@ pub struct LostClaim {
     pub id: RecordId,
     /// The claim's holder nonce.
     pub holder: [u8; 16],
+    /// When the claim's lease ends at the latest (its lease from when it was sent). Until
+    /// then the claim may still land on the server (a statement held up in a lock wait):
+    /// finding nothing to release settles it only after this.
+    pub lease_end: Instant,
     /// When the record expires at the latest (the claim's lease and retention from when it
-    /// failed); past it there is nothing left to release.
+    /// was sent); past it there is nothing left to release.
     pub until: Instant,
 }
 
@@ -44,11 +48,19 @@ struct Claims {
 }
 
 impl LostClaim {
+    /// Whether an attempt the server answered without finding the claim's record settles
+    /// the claim at `now`: only once the claim's lease has ended, as until then the claim
+    /// may still land.
+    pub fn settled_unfound(&self, now: Instant) -> bool {
+        now >= self.lease_end
+    }
+
     /// `request`'s claim with holder nonce `holder`, sent at `sent`.
     pub fn new(request: &ClaimRequest, holder: [u8; 16], sent: Instant) -> Self {
         Self {
             id: request.id,
             holder,
+            lease_end: sent + request.lease,
             until: sent + request.lease.saturating_add(request.retention),
         }
     }
@@ -88,9 +100,21 @@ impl LostClaims {
     }
 
     /// Claims under way: unless [answered](Pending::answered), they are recorded as lost
-    /// when the returned guard drops (the call failed, or its caller went away).
-    pub fn pending(&self, claims: Vec<LostClaim>) -> Pending<'_> {
-        Pending { lost: self, claims }
+    /// when the returned guard drops (the call failed, or its caller went away). Requests
+    /// that say not to ([`ClaimRequest::release_if_lost`]) are left out.
+    pub fn pending<'r>(
+        &self,
+        claims: impl IntoIterator<Item = (&'r ClaimRequest, [u8; 16])>,
+    ) -> Pending<'_> {
+        let sent = Instant::now();
+        Pending {
+            lost: self,
+            claims: claims
+                .into_iter()
+                .filter(|(request, _)| request.release_if_lost)
+                .map(|(request, holder)| LostClaim::new(request, holder, sent))
+                .collect(),
+        }
     }
 
     /// Records a lost claim; `false` if the list is full.
@@ -195,6 +219,7 @@ mod tests {
         LostClaim {
             id: RecordId::for_event("lost", &n.to_string()),
             holder: [n; 16],
+            lease_end: until,
             until,
         }
     }
@@ -231,15 +256,26 @@ mod tests {
     #[test]
     fn pending_claims_are_lost_unless_answered() {
         let lost = LostClaims::new(10);
-        let later = Instant::now() + Duration::from_secs(60);
-        lost.pending(vec![claim(1, later), claim(2, later)])
-            .answered();
+        let request = |event: &str| {
+            ClaimRequest::new(
+                RecordId::for_event("lost", event),
+                crate::Fingerprint::of_bytes(b"x"),
+            )
+        };
+        let (a, b) = (request("a"), request("b"));
+        lost.pending([(&a, [1; 16]), (&b, [2; 16])]).answered();
         assert!(lost.is_empty());
-        drop(lost.pending(vec![claim(1, later), claim(2, later)]));
+        drop(lost.pending([(&a, [1; 16]), (&b, [2; 16])]));
+        let taken = lost.take(Instant::now());
         assert_eq!(
-            lost.take(Instant::now()),
-            vec![claim(1, later), claim(2, later)]
+            taken.iter().map(|c| (c.id, c.holder)).collect::<Vec<_>>(),
+            vec![(a.id, [1; 16]), (b.id, [2; 16])]
         );
+        lost.finish(2, Vec::new());
+        // A request that says not to release what it took is never recorded.
+        let kept = request("kept").with_release_if_lost(false);
+        drop(lost.pending([(&kept, [3; 16])]));
+        assert!(lost.is_empty());
     }
 
     #[test]
@@ -253,7 +289,11 @@ mod tests {
         let sent = Instant::now();
         let claim = LostClaim::new(&request, [9; 16], sent);
         assert_eq!(claim.until, sent + Duration::from_secs(3630));
+        assert_eq!(claim.lease_end, sent + Duration::from_secs(30));
         assert_eq!((claim.id, claim.holder), (request.id, [9; 16]));
+        // Not found on the server, it is settled only once its lease has ended.
+        assert!(!claim.settled_unfound(sent + Duration::from_secs(29)));
+        assert!(claim.settled_unfound(sent + Duration::from_secs(30)));
     }
 
     #[tokio::test]

@@ -81,6 +81,12 @@ pub struct ClaimRequest {
     /// How long the record is kept after it completes or is released (and after its lease
     /// passes, for a holder that never came back).
     pub retention: Duration,
+    /// Whether the store may release what this claim took when the claim fails or its
+    /// caller stops waiting for it ([`lost`](crate::lost)). Right for a caller that
+    /// executes nothing after a failed claim, the default. A caller that executes anyway (a
+    /// gateway route that fails open) sets it to `false`: the record then stays held until
+    /// the lease passes, and a retry is not executed a second time.
+    pub release_if_lost: bool,
 }
 
 impl ClaimRequest {
@@ -91,6 +97,7 @@ impl ClaimRequest {
             fingerprint,
             lease: DEFAULT_LEASE,
             retention: DEFAULT_RETENTION,
+            release_if_lost: true,
         }
     }
 
@@ -103,6 +110,12 @@ impl ClaimRequest {
     /// Sets the retention.
     pub fn with_retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// Sets [`release_if_lost`](Self::release_if_lost).
+    pub fn with_release_if_lost(mut self, release: bool) -> Self {
+        self.release_if_lost = release;
         self
     }
 

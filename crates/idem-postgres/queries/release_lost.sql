@@ -10,12 +10,21 @@ WITH clock AS (
 lost AS (
     SELECT * FROM unnest($1::bytea[], $2::bytea[]) AS l(id, holder)
 ),
+-- The rows are locked in id order, as the batch claims lock theirs, so that the two cannot
+-- deadlock; the update then checks each row again.
+locked AS (
+    SELECT r.id
+    FROM {{table}} r JOIN lost l ON r.id = l.id AND r.holder = l.holder
+    WHERE r.state = 0 AND r.taken_over_token IS NULL
+    ORDER BY r.id
+    FOR UPDATE OF r
+),
 done AS (
     UPDATE {{table}} AS r
     SET state = 2, response = NULL, settled_at = c.now, expires_at = c.now + r.retention,
         holder = NULL
-    FROM clock c, lost l
-    WHERE r.id = l.id AND r.holder = l.holder AND r.state = 0
+    FROM clock c, lost l, locked k
+    WHERE r.id = k.id AND r.id = l.id AND r.holder = l.holder AND r.state = 0
       AND r.taken_over_token IS NULL AND r.expires_at > c.now
     RETURNING r.id
 )

@@ -67,12 +67,12 @@ mod queries;
 mod row;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use idem_core::lost::{LostClaim, LostClaims};
+use idem_core::lost::LostClaims;
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
     ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
@@ -393,9 +393,7 @@ impl Store for PostgresStore {
         };
         // Failed or abandoned (the caller went away), the claim is released by its nonce
         // once the server answers: its caller executes nothing.
-        let pending = self
-            .lost
-            .pending(vec![LostClaim::new(request, held.holder, Instant::now())]);
+        let pending = self.lost.pending([(request, held.holder)]);
         let outcome = self.claims.run(held).await;
         if outcome.is_ok() {
             pending.answered();
@@ -481,12 +479,9 @@ impl Store for PostgresStore {
             });
         }
         // A failure fails the whole batch, so the claims that succeeded are lost with it.
-        let sent = Instant::now();
-        let pending = self.lost.pending(
-            held.iter()
-                .map(|h| LostClaim::new(&h.request, h.holder, sent))
-                .collect(),
-        );
+        let pending = self
+            .lost
+            .pending(held.iter().map(|h| (&h.request, h.holder)));
         let outcomes = self
             .claimer
             .claim_each(&held)

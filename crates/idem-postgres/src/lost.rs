@@ -2,6 +2,7 @@
 //! ([`idem_core::lost`]): `release_lost.sql` for every lost claim, as soon as the server
 //! answers again.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,8 @@ use tokio::task::JoinHandle;
 use crate::queries::Queries;
 use crate::{pg_error, pool_error, row};
 
-/// The pause before the first attempt, and after an attempt the server answered.
+/// The pause before the first attempt; it doubles after each attempt while lost claims
+/// remain.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest pause between attempts while the server does not answer.
 const MAX_RETRY: Duration = Duration::from_secs(1);
@@ -59,8 +61,14 @@ pub(crate) fn start(
                     for id in &released {
                         notifier.notify(id);
                     }
-                    lost.finish(taken, Vec::new());
-                    delay = FIRST_RETRY;
+                    // A claim not found may still land while its lease lasts.
+                    let now = Instant::now();
+                    let released: HashSet<RecordId> = released.into_iter().collect();
+                    let unsettled = claims
+                        .into_iter()
+                        .filter(|c| !released.contains(&c.id) && !c.settled_unfound(now))
+                        .collect();
+                    lost.finish(taken, unsettled);
                 }
                 Err(error) => {
                     if matches!(error, Error::Unavailable { .. }) {
@@ -69,9 +77,13 @@ pub(crate) fn start(
                         tracing::warn!(%error, lost = taken, "postgres: releasing lost claims failed");
                     }
                     lost.finish(taken, claims);
-                    delay = (delay * 2).min(MAX_RETRY);
                 }
             }
+            delay = if lost.is_empty() {
+                FIRST_RETRY
+            } else {
+                (delay * 2).min(MAX_RETRY)
+            };
         }
     })
 }

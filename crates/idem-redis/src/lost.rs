@@ -15,7 +15,8 @@ use crate::error::redis_error;
 use crate::keys::{Keys, hex};
 use crate::scripts;
 
-/// The pause before the first attempt, and after an attempt the server answered.
+/// The pause before the first attempt; it doubles after each attempt while lost claims
+/// remain.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// The longest pause between attempts while the server does not answer.
 const MAX_RETRY: Duration = Duration::from_secs(1);
@@ -38,19 +39,24 @@ pub(crate) fn start(
             let mut claims = claims.into_iter();
             let mut unsettled = Vec::new();
             let (mut released, mut kept) = (0, 0);
-            let mut unavailable = false;
             while let Some(claim) = claims.next() {
                 match release(&conn, &keys, &claim, nonces).await {
                     Ok(true) => {
                         notifier.notify(&claim.id);
                         released += 1;
                     }
-                    Ok(false) => kept += 1,
+                    Ok(false) => {
+                        kept += 1;
+                        // Not found: the claim may still land while its lease lasts.
+                        if !claim.settled_unfound(Instant::now()) {
+                            unsettled.push(claim);
+                        }
+                    }
                     Err(error @ Error::Unavailable { .. }) => {
                         tracing::debug!(%error, "redis: lost claims not released yet");
                         // This claim and the ones not tried wait for the next attempt.
-                        unsettled = std::iter::once(claim).chain(claims).collect();
-                        unavailable = true;
+                        unsettled.push(claim);
+                        unsettled.extend(claims.by_ref());
                         break;
                     }
                     Err(error) => {
@@ -68,10 +74,10 @@ pub(crate) fn start(
             } else if kept > 0 {
                 tracing::debug!(kept, "redis: lost claims held no record");
             }
-            delay = if unavailable {
-                (delay * 2).min(MAX_RETRY)
-            } else {
+            delay = if lost.is_empty() {
                 FIRST_RETRY
+            } else {
+                (delay * 2).min(MAX_RETRY)
             };
         }
     })

@@ -3,13 +3,13 @@
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream;
-use idem_core::lost::{LostClaim, LostClaims};
+use idem_core::lost::LostClaims;
 use idem_core::notify::CompletionNotifier;
 use idem_core::{
     ClaimOutcome, ClaimRequest, Error, FencingToken, Inspect, ListFilter, Nonces, Record, RecordId,
@@ -551,9 +551,7 @@ impl Store for RedisStore {
         let holder = source()?.next();
         // Failed or abandoned (the caller went away), the claim is released by its nonce
         // once the server answers: its caller executes nothing.
-        let pending = self
-            .lost
-            .pending(vec![LostClaim::new(request, holder, Instant::now())]);
+        let pending = self.lost.pending([(request, holder)]);
         let outcome = self.claim_with(request, &hex(&holder)).await;
         if outcome.is_ok() {
             pending.answered();
@@ -632,14 +630,7 @@ impl Store for RedisStore {
         let raw = nonces(requests.len())?;
         let holders: Vec<String> = raw.iter().map(|h| hex(h)).collect();
         // A failure fails the whole batch, so the claims that succeeded are lost with it.
-        let sent = Instant::now();
-        let pending = self.lost.pending(
-            requests
-                .iter()
-                .zip(&raw)
-                .map(|(request, holder)| LostClaim::new(request, *holder, sent))
-                .collect(),
-        );
+        let pending = self.lost.pending(requests.iter().zip(raw.iter().copied()));
         let outcomes = match self.conn {
             Conn::Standalone(_) => self.claim_pipeline(requests, &holders).await,
             Conn::Cluster(_) => self.claim_rounds(requests, &holders).await,

@@ -567,18 +567,27 @@ impl Stores {
         }
     }
 
-    /// Arms the proxy to lose the answer to the next claim of `id`, then refuse connections.
-    /// PostgreSQL claims a record it may take over in two statements, a read and then the
-    /// takeover: with `takeover`, the read is answered and the takeover's answer is lost.
-    fn lose_claim_answer(&self, proxy: &LossyProxy, id: &RecordId, takeover: bool) {
+    /// Arms the proxy to lose the answer to the next claim of `id`, then (with
+    /// `then_refuse`) refuse connections. PostgreSQL claims a record it may take over in two
+    /// statements, a read and then the takeover: with `takeover`, the read is answered and
+    /// the takeover's answer is lost.
+    fn lose_claim_answer(
+        &self,
+        proxy: &LossyProxy,
+        id: &RecordId,
+        takeover: bool,
+        then_refuse: bool,
+    ) {
         match self {
             Stores::Postgres { .. } => proxy.lose_later_answer_to(
                 id.as_bytes(),
                 Some(PG_READY_FOR_QUERY),
-                true,
+                then_refuse,
                 usize::from(takeover),
             ),
-            Stores::Redis { .. } => proxy.lose_answer_to(id.to_hex().as_bytes(), None, true),
+            Stores::Redis { .. } => {
+                proxy.lose_answer_to(id.to_hex().as_bytes(), None, then_refuse);
+            }
         }
     }
 
@@ -604,10 +613,12 @@ impl Stores {
     }
 }
 
-/// The store itself, without a gateway: a lost claim on a free record is released once the
-/// server answers again, and the next claim acquires the record afresh. A lost claim that
-/// took a record over is not released: the record stays held by it, and the next claim
-/// finds it in flight.
+/// The store itself, without a gateway. A claim whose lost answer is read back is the
+/// caller's, and nothing of it is released. A lost claim on a free record is released once
+/// the server answers again, and the next claim acquires the record afresh, unless the
+/// claim said not to (`release_if_lost`). A lost claim that took a record over is not
+/// released: the record stays held by it, and the claim after its lease is told that an
+/// earlier attempt did not finish (`TookOver`).
 async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, wire: Wire) {
     let proxy = LossyProxy::start(server.addr()).await;
     let stores = Stores::connect(server, wire, &proxy).await;
@@ -620,12 +631,26 @@ async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, 
         .with_lease(lease)
     };
 
-    // A fresh record.
+    // The answer is lost with the server reachable: read back (PostgreSQL) or sent again
+    // (Redis), the claim is the caller's, and nothing is left to release.
+    let read_back = request("read-back", Duration::from_secs(600));
+    stores.lose_claim_answer(&proxy, &read_back.id, false, false);
+    let lease = *stores
+        .via()
+        .claim(&read_back)
+        .await
+        .unwrap()
+        .lease()
+        .unwrap();
+    assert_eq!(proxy.lost(), 1);
+    assert_eq!(stores.lost_claims(), 0);
+
+    // A fresh record, the server unreachable once the answer is lost.
     let fresh = request("fresh", Duration::from_secs(600));
-    stores.lose_claim_answer(&proxy, &fresh.id, false);
+    stores.lose_claim_answer(&proxy, &fresh.id, false, true);
     let error = stores.via().claim(&fresh).await.unwrap_err();
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
-    assert_eq!(proxy.lost(), 1);
+    assert_eq!(proxy.lost(), 2);
     let held = stores.direct().get(&fresh.id).await.unwrap().unwrap();
     assert!(
         matches!(held.state, RecordState::InFlight { .. }),
@@ -644,6 +669,18 @@ async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, 
         ClaimOutcome::Acquired(lease) => assert!(lease.token > held.token),
         other => panic!("expected the released record acquired afresh, got {other:?}"),
     }
+    // The read-back claim's record is still its caller's.
+    let record = stores.direct().get(&read_back.id).await.unwrap().unwrap();
+    assert_eq!(record.token, lease.token);
+    assert!(matches!(record.state, RecordState::InFlight { .. }));
+
+    // A claim that says not to release what it took is not recorded as lost.
+    let kept = request("kept", Duration::from_secs(600)).with_release_if_lost(false);
+    stores.lose_claim_answer(&proxy, &kept.id, false, true);
+    stores.via().claim(&kept).await.unwrap_err();
+    assert_eq!(proxy.lost(), 3);
+    assert_eq!(stores.lost_claims(), 0);
+    proxy.heal();
 
     // A record whose lease passed, taken over by the lost claim.
     let stale = request("taken-over", Duration::from_millis(50));
@@ -655,11 +692,13 @@ async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, 
         .lease()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let takeover = request("taken-over", Duration::from_secs(600));
-    stores.lose_claim_answer(&proxy, &takeover.id, true);
+    // A lost claim not found is kept while its lease lasts (it might still land), so
+    // this one's lease is short.
+    let takeover = request("taken-over", Duration::from_secs(2));
+    stores.lose_claim_answer(&proxy, &takeover.id, true, true);
     let error = stores.via().claim(&takeover).await.unwrap_err();
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
-    assert_eq!(proxy.lost(), 2);
+    assert_eq!(proxy.lost(), 4);
     proxy.heal();
     stores.settle_lost_claims().await;
     let record = stores.direct().get(&takeover.id).await.unwrap().unwrap();
@@ -668,13 +707,10 @@ async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, 
         matches!(record.state, RecordState::InFlight { .. }),
         "the takeover's record must stay held: {record:?}"
     );
-    assert!(
-        matches!(
-            stores.direct().claim(&takeover).await.unwrap(),
-            ClaimOutcome::InFlight { .. }
-        ),
-        "the next claim finds the lost takeover in flight"
-    );
+    match stores.direct().claim(&takeover).await.unwrap() {
+        ClaimOutcome::TookOver { previous_token, .. } => assert_eq!(previous_token, record.token),
+        other => panic!("expected the lost takeover taken over in turn, got {other:?}"),
+    }
 }
 
 /// The store itself: a claim that ran on the server but whose caller stopped waiting for

@@ -197,6 +197,12 @@ impl Store for SqliteStore {
             return Ok(replay);
         }
         let request = request.clone();
+        if !request.release_if_lost {
+            return self
+                .writer
+                .run(move |db| ops::claim(db, &request).map(Done::quiet))
+                .await;
+        }
         let release = self.release_unanswered();
         self.writer
             .run_for_caller(
@@ -249,6 +255,12 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let requests = requests.to_vec();
+        if !requests.iter().all(|r| r.release_if_lost) {
+            return self
+                .writer
+                .run(move |db| ops::claim_batch(db, &requests))
+                .await;
+        }
         let release = self.release_unanswered();
         self.writer
             .run_for_caller(

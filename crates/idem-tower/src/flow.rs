@@ -219,9 +219,12 @@ where
         &key,
     )
     .record_id();
+    // A route that fails open forwards a request whose claim failed: what the claim may
+    // have taken must then stay held, or a retry would execute again.
     let claim = ClaimRequest::new(id, fingerprint)
         .with_lease(ctx.policy.lease())
-        .with_retention(ctx.policy.retention());
+        .with_retention(ctx.policy.retention())
+        .with_release_if_lost(!matches!(ctx.policy.fail(), FailMode::Open));
 
     let deadline = wait_budget(&parts.headers, &ctx.policy).map(|budget| Instant::now() + budget);
     let mut waited = false;

@@ -661,6 +661,8 @@ async fn a_store_outage_is_503_with_retry_after_and_nothing_runs() {
     assert_eq!(res.headers()["retry-after"], "5");
     problem(res, 503, "store-unavailable").await;
     assert_eq!(counter.get(), 0);
+    // Nothing ran, so the store may release what the failed claim may have taken.
+    assert_eq!(TestStore::count(&store.releasable_claims), 1);
 }
 
 #[tokio::test]
@@ -687,6 +689,10 @@ async fn a_store_outage_on_a_fail_open_route_forwards_without_deduplication() {
         assert_eq!(bytes_of(res).await, "{\"a\":1}");
     }
     assert_eq!(counter.get(), 2);
+    // What a failed claim may have taken stays held: the forwarded request's retry must
+    // not find the record released and execute again.
+    assert_eq!(TestStore::count(&store.claims), 2);
+    assert_eq!(TestStore::count(&store.releasable_claims), 0);
 }
 
 #[tokio::test]

@@ -249,6 +249,9 @@ pub struct TestStore {
     pub hang_completes: AtomicBool,
     pub hide_waiter: AtomicBool,
     pub claims: AtomicUsize,
+    /// Claims that let the store release what they took if they fail
+    /// (`ClaimRequest::release_if_lost`).
+    pub releasable_claims: AtomicUsize,
     pub completes: AtomicUsize,
     pub releases: AtomicUsize,
     pub renewals: AtomicUsize,
@@ -266,6 +269,7 @@ impl TestStore {
             hang_completes: AtomicBool::new(false),
             hide_waiter: AtomicBool::new(false),
             claims: AtomicUsize::new(0),
+            releasable_claims: AtomicUsize::new(0),
             completes: AtomicUsize::new(0),
             releases: AtomicUsize::new(0),
             renewals: AtomicUsize::new(0),
@@ -289,6 +293,9 @@ fn down() -> Error {
 impl Store for TestStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, Error> {
         self.claims.fetch_add(1, Ordering::SeqCst);
+        if request.release_if_lost {
+            self.releasable_claims.fetch_add(1, Ordering::SeqCst);
+        }
         if self.fail_claims.load(Ordering::SeqCst) {
             return Err(down());
         }
