@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -37,7 +37,15 @@ pub struct LostClaim {
     /// When the record expires at the latest (the claim's lease and retention from when it
     /// was sent); past it there is nothing left to release.
     pub until: Instant,
+    /// When the next attempt to release it is due.
+    pub next: Instant,
+    /// Attempts the server answered without finding the record.
+    pub misses: u32,
 }
+
+/// The pause after an attempt that did not find the record: it doubles with each such
+/// attempt, up to this.
+const MAX_MISS_PAUSE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Claims {
@@ -48,21 +56,39 @@ struct Claims {
 }
 
 impl LostClaim {
-    /// Whether an attempt the server answered without finding the claim's record settles
-    /// the claim at `now`: only once the claim's lease has ended, as until then the claim
-    /// may still land.
-    pub fn settled_unfound(&self, now: Instant) -> bool {
-        now >= self.lease_end
-    }
-
-    /// `request`'s claim with holder nonce `holder`, sent at `sent`.
+    /// `request`'s claim with holder nonce `holder`, sent at `sent`; an attempt is due at
+    /// once.
     pub fn new(request: &ClaimRequest, holder: [u8; 16], sent: Instant) -> Self {
         Self {
             id: request.id,
             holder,
             lease_end: sent + request.lease,
             until: sent + request.lease.saturating_add(request.retention),
+            next: sent,
+            misses: 0,
         }
+    }
+
+    /// After an attempt at `now` the server answered without finding the claim's record:
+    /// `None` once the claim's lease has ended (it settles the claim); until then the claim
+    /// may still land, and it is tried again after a pause that doubles with each miss
+    /// (1 s, 2 s, 4 s, ... up to 30 s).
+    pub fn not_found(mut self, now: Instant) -> Option<Self> {
+        if now >= self.lease_end {
+            return None;
+        }
+        let pause = Duration::from_secs(1)
+            .saturating_mul(1 << self.misses.min(5))
+            .min(MAX_MISS_PAUSE);
+        self.misses += 1;
+        self.next = (now + pause).min(self.lease_end);
+        Some(self)
+    }
+
+    /// To be tried again at `at` (the server did not answer).
+    pub fn retry_at(mut self, at: Instant) -> Self {
+        self.next = at;
+        self
     }
 }
 
@@ -149,6 +175,11 @@ impl LostClaims {
         self.len() == 0
     }
 
+    /// When the earliest waiting claim's next attempt is due; `None` if none waits.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.lock().waiting.iter().map(|c| c.next).min()
+    }
+
     /// Waits until a lost claim waits for an attempt (at once if one does).
     pub async fn wait(&self) {
         loop {
@@ -160,12 +191,15 @@ impl LostClaims {
         }
     }
 
-    /// Takes every waiting claim that can still be released at `now` for an attempt,
-    /// dropping the others. The attempt ends with [`finish`](Self::finish).
+    /// Takes every waiting claim whose attempt is due at `now` for an attempt, and drops
+    /// those with nothing left to release. The attempt ends with [`finish`](Self::finish).
     pub fn take(&self, now: Instant) -> Vec<LostClaim> {
         let mut claims = self.lock();
-        let mut taken = std::mem::take(&mut claims.waiting);
-        taken.retain(|c| c.until > now);
+        claims.waiting.retain(|c| c.until > now);
+        let (taken, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut claims.waiting)
+            .into_iter()
+            .partition(|c| c.next <= now);
+        claims.waiting = waiting;
         claims.attempting += taken.len();
         taken
     }
@@ -215,41 +249,51 @@ mod tests {
 
     use super::*;
 
-    fn claim(n: u8, until: Instant) -> LostClaim {
+    /// Claim `n`, due at `next`, with a record that lasts until `until`.
+    fn claim(n: u8, next: Instant, until: Instant) -> LostClaim {
         LostClaim {
             id: RecordId::for_event("lost", &n.to_string()),
             holder: [n; 16],
             lease_end: until,
             until,
+            next,
+            misses: 0,
         }
     }
 
     #[test]
-    fn claims_are_taken_until_they_expire_and_unsettled_ones_come_back() {
+    fn claims_are_taken_when_due_until_they_expire_and_unsettled_ones_come_back() {
         let lost = LostClaims::new(10);
         let now = Instant::now();
-        let later = now + Duration::from_secs(60);
-        assert!(lost.add(claim(1, later)));
-        assert!(lost.add(claim(2, now)));
+        let (soon, later) = (now + Duration::from_secs(1), now + Duration::from_secs(60));
+        assert!(lost.add(claim(1, now, later)));
+        assert!(lost.add(claim(2, now, now)));
+        assert!(lost.add(claim(3, soon, later)));
+        assert_eq!(lost.len(), 3);
+        // The second has expired by `now`: nothing is left of it to release. The third is
+        // not due yet.
+        assert_eq!(lost.take(now), vec![claim(1, now, later)]);
+        assert_eq!(lost.next_due(), Some(soon));
+        // Taken for an attempt, a claim still counts until the attempt finishes.
         assert_eq!(lost.len(), 2);
-        // The second has expired by `now`: nothing is left of it to release.
-        assert_eq!(lost.take(now), vec![claim(1, later)]);
-        // Taken for an attempt, it still counts until the attempt finishes.
-        assert_eq!(lost.len(), 1);
-        assert!(lost.take(now).is_empty());
-        lost.finish(1, vec![claim(1, later)]);
-        assert_eq!(lost.len(), 1);
-        assert_eq!(lost.take(now), vec![claim(1, later)]);
-        lost.finish(1, Vec::new());
+        lost.finish(1, vec![claim(1, soon, later)]);
+        assert_eq!(lost.len(), 2);
+        assert_eq!(
+            lost.take(soon),
+            vec![claim(3, soon, later), claim(1, soon, later)]
+        );
+        lost.finish(2, Vec::new());
         assert!(lost.is_empty());
+        assert_eq!(lost.next_due(), None);
     }
 
     #[test]
     fn a_full_list_refuses() {
         let lost = LostClaims::new(1);
-        let later = Instant::now() + Duration::from_secs(60);
-        assert!(lost.add(claim(1, later)));
-        assert!(!lost.add(claim(2, later)));
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        assert!(lost.add(claim(1, now, later)));
+        assert!(!lost.add(claim(2, now, later)));
         assert_eq!((lost.len(), lost.refused()), (1, 1));
     }
 
@@ -291,9 +335,18 @@ mod tests {
         assert_eq!(claim.until, sent + Duration::from_secs(3630));
         assert_eq!(claim.lease_end, sent + Duration::from_secs(30));
         assert_eq!((claim.id, claim.holder), (request.id, [9; 16]));
-        // Not found on the server, it is settled only once its lease has ended.
-        assert!(!claim.settled_unfound(sent + Duration::from_secs(29)));
-        assert!(claim.settled_unfound(sent + Duration::from_secs(30)));
+        assert_eq!((claim.next, claim.misses), (sent, 0));
+        // Not found on the server, it is tried again after 1 s, 2 s, 4 s, ... while its
+        // lease lasts, and settled once the lease has ended.
+        let at = |s| sent + Duration::from_secs(s);
+        let missed = claim.not_found(at(1)).unwrap();
+        assert_eq!((missed.next, missed.misses), (at(2), 1));
+        let missed = missed.not_found(at(2)).unwrap();
+        assert_eq!((missed.next, missed.misses), (at(4), 2));
+        let missed = missed.not_found(at(28)).unwrap();
+        assert_eq!(missed.next, at(30), "never past the lease");
+        assert_eq!(missed.not_found(at(30)), None);
+        assert_eq!(claim.retry_at(at(5)).next, at(5));
     }
 
     #[tokio::test]
@@ -305,7 +358,8 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        lost.add(claim(1, Instant::now() + Duration::from_secs(60)));
+        let now = Instant::now();
+        lost.add(claim(1, now, now + Duration::from_secs(60)));
         waiter.await.unwrap();
         // With a claim waiting, waiting ends at once.
         lost.wait().await;

@@ -180,8 +180,8 @@ async fn run_batch<B: Batch>(batch: B, waiting: Vec<Waiting<B>>, slot: OwnedSema
     let results = batch.run(&requests).await;
     drop(slot);
     for (reply, result) in replies.into_iter().zip(results) {
-        // A caller that stopped waiting: its operation took effect all the same (a claim
-        // nobody completes ends with its lease).
+        // A caller that stopped waiting: its operation took effect all the same (the store
+        // recorded such a claim as lost when its caller went, and releases what it took).
         let _ = reply.send(result);
     }
 }

@@ -15,10 +15,12 @@ use tokio::task::JoinHandle;
 use crate::queries::Queries;
 use crate::{pg_error, pool_error, row};
 
-/// The pause before the first attempt; it doubles after each attempt while lost claims
-/// remain.
+/// The shortest pause between two attempts, and the first pause while the server does not
+/// answer; that one doubles with each attempt the server does not answer, up to
+/// [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// The longest pause between attempts while the server does not answer.
+/// The longest pause between attempts while the server does not answer, and the longest
+/// the task sleeps before it looks for claims due (a claim just lost waits no longer).
 const MAX_RETRY: Duration = Duration::from_secs(1);
 /// How long one attempt may take (a server that hangs rather than refuses).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,10 +33,12 @@ pub(crate) fn start(
     lost: Arc<LostClaims>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut delay = FIRST_RETRY;
+        let mut unanswered = FIRST_RETRY;
         loop {
             lost.wait().await;
-            tokio::time::sleep(delay).await;
+            let now = Instant::now();
+            let due = lost.next_due().unwrap_or(now).min(now + MAX_RETRY);
+            tokio::time::sleep_until(due.max(now + FIRST_RETRY).into()).await;
             let claims = lost.take(Instant::now());
             if claims.is_empty() {
                 continue;
@@ -47,6 +51,7 @@ pub(crate) fn start(
                     source: None,
                 })
             });
+            let now = Instant::now();
             match result {
                 Ok(released) => {
                     if released.is_empty() {
@@ -61,14 +66,14 @@ pub(crate) fn start(
                     for id in &released {
                         notifier.notify(id);
                     }
-                    // A claim not found may still land while its lease lasts.
-                    let now = Instant::now();
                     let released: HashSet<RecordId> = released.into_iter().collect();
                     let unsettled = claims
                         .into_iter()
-                        .filter(|c| !released.contains(&c.id) && !c.settled_unfound(now))
+                        .filter(|c| !released.contains(&c.id))
+                        .filter_map(|c| c.not_found(now))
                         .collect();
                     lost.finish(taken, unsettled);
+                    unanswered = FIRST_RETRY;
                 }
                 Err(error) => {
                     if matches!(error, Error::Unavailable { .. }) {
@@ -76,14 +81,14 @@ pub(crate) fn start(
                     } else {
                         tracing::warn!(%error, lost = taken, "postgres: releasing lost claims failed");
                     }
-                    lost.finish(taken, claims);
+                    let again = now + unanswered;
+                    lost.finish(
+                        taken,
+                        claims.into_iter().map(|c| c.retry_at(again)).collect(),
+                    );
+                    unanswered = (unanswered * 2).min(MAX_RETRY);
                 }
             }
-            delay = if lost.is_empty() {
-                FIRST_RETRY
-            } else {
-                (delay * 2).min(MAX_RETRY)
-            };
         }
     })
 }

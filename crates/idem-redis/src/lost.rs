@@ -15,10 +15,12 @@ use crate::error::redis_error;
 use crate::keys::{Keys, hex};
 use crate::scripts;
 
-/// The pause before the first attempt; it doubles after each attempt while lost claims
-/// remain.
+/// The shortest pause between two attempts, and the first pause while the server does not
+/// answer; that one doubles with each attempt the server does not answer, up to
+/// [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// The longest pause between attempts while the server does not answer.
+/// The longest pause between attempts while the server does not answer, and the longest
+/// the task sleeps before it looks for claims due (a claim just lost waits no longer).
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// Starts the task; it runs until aborted.
@@ -30,33 +32,33 @@ pub(crate) fn start(
     nonces: &'static Nonces,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut delay = FIRST_RETRY;
+        let mut unanswered = FIRST_RETRY;
         loop {
             lost.wait().await;
-            tokio::time::sleep(delay).await;
+            let now = Instant::now();
+            let due = lost.next_due().unwrap_or(now).min(now + MAX_RETRY);
+            tokio::time::sleep_until(due.max(now + FIRST_RETRY).into()).await;
             let claims = lost.take(Instant::now());
             let taken = claims.len();
             let mut claims = claims.into_iter();
             let mut unsettled = Vec::new();
-            let (mut released, mut kept) = (0, 0);
+            let (mut released, mut answered) = (0, true);
             while let Some(claim) = claims.next() {
                 match release(&conn, &keys, &claim, nonces).await {
                     Ok(true) => {
                         notifier.notify(&claim.id);
                         released += 1;
                     }
-                    Ok(false) => {
-                        kept += 1;
-                        // Not found: the claim may still land while its lease lasts.
-                        if !claim.settled_unfound(Instant::now()) {
-                            unsettled.push(claim);
-                        }
-                    }
+                    // Not found: the claim may still land while its lease lasts.
+                    Ok(false) => unsettled.extend(claim.not_found(Instant::now())),
                     Err(error @ Error::Unavailable { .. }) => {
                         tracing::debug!(%error, "redis: lost claims not released yet");
                         // This claim and the ones not tried wait for the next attempt.
-                        unsettled.push(claim);
-                        unsettled.extend(claims.by_ref());
+                        let again = Instant::now() + unanswered;
+                        unsettled.push(claim.retry_at(again));
+                        unsettled.extend(claims.by_ref().map(|c| c.retry_at(again)));
+                        unanswered = (unanswered * 2).min(MAX_RETRY);
+                        answered = false;
                         break;
                     }
                     Err(error) => {
@@ -64,21 +66,17 @@ pub(crate) fn start(
                     }
                 }
             }
+            if answered {
+                unanswered = FIRST_RETRY;
+            }
             lost.finish(taken, unsettled);
             if released > 0 {
                 tracing::info!(
                     released,
-                    kept,
+                    lost = taken,
                     "redis: released the records still held by claims whose answer was lost"
                 );
-            } else if kept > 0 {
-                tracing::debug!(kept, "redis: lost claims held no record");
             }
-            delay = if lost.is_empty() {
-                FIRST_RETRY
-            } else {
-                (delay * 2).min(MAX_RETRY)
-            };
         }
     })
 }
