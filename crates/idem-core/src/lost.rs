@@ -180,6 +180,16 @@ impl LostClaims {
         self.lock().waiting.iter().map(|c| c.next).min()
     }
 
+    /// When a releasing task that looks at `now` should next [`take`](Self::take) claims:
+    /// when the earliest is due, but at least `min_pause` and at most `max_sleep` from now
+    /// (so that a claim added meanwhile waits no longer than that).
+    pub fn wake_at(&self, now: Instant, min_pause: Duration, max_sleep: Duration) -> Instant {
+        self.next_due()
+            .unwrap_or(now)
+            .min(now + max_sleep)
+            .max(now + min_pause)
+    }
+
     /// Waits until a lost claim waits for an attempt (at once if one does).
     pub async fn wait(&self) {
         loop {
@@ -285,6 +295,25 @@ mod tests {
         lost.finish(2, Vec::new());
         assert!(lost.is_empty());
         assert_eq!(lost.next_due(), None);
+    }
+
+    #[test]
+    fn the_task_wakes_when_a_claim_is_due_within_bounds() {
+        let lost = LostClaims::new(10);
+        let now = Instant::now();
+        let (pause, sleep) = (Duration::from_millis(100), Duration::from_secs(1));
+        let later = now + Duration::from_secs(60);
+        assert_eq!(lost.wake_at(now, pause, sleep), now + pause);
+        lost.add(claim(1, now + Duration::from_millis(500), later));
+        assert_eq!(
+            lost.wake_at(now, pause, sleep),
+            now + Duration::from_millis(500)
+        );
+        lost.add(claim(2, now, later));
+        assert_eq!(lost.wake_at(now, pause, sleep), now + pause);
+        let far = LostClaims::new(10);
+        far.add(claim(3, now + Duration::from_secs(30), later));
+        assert_eq!(far.wake_at(now, pause, sleep), now + sleep);
     }
 
     #[test]

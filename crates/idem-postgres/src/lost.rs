@@ -36,9 +36,8 @@ pub(crate) fn start(
         let mut unanswered = FIRST_RETRY;
         loop {
             lost.wait().await;
-            let now = Instant::now();
-            let due = lost.next_due().unwrap_or(now).min(now + MAX_RETRY);
-            tokio::time::sleep_until(due.max(now + FIRST_RETRY).into()).await;
+            let wake = lost.wake_at(Instant::now(), FIRST_RETRY, MAX_RETRY);
+            tokio::time::sleep_until(wake.into()).await;
             let claims = lost.take(Instant::now());
             if claims.is_empty() {
                 continue;
