@@ -713,6 +713,48 @@ async fn a_lost_claim_releases_only_a_record_it_took_free(server: &dyn Control, 
     }
 }
 
+/// The store itself: a batch of claims whose answer is lost while the server stays away
+/// fails as a whole, and every record it took is released once the server answers again.
+async fn a_lost_batch_releases_what_it_took(server: &dyn Control, wire: Wire) {
+    let proxy = LossyProxy::start(server.addr()).await;
+    let stores = Stores::connect(server, wire, &proxy).await;
+    let run = shared::unique("lost-batch");
+    let requests: Vec<ClaimRequest> = ["a", "b"]
+        .into_iter()
+        .map(|event| {
+            ClaimRequest::new(
+                RecordId::for_event(&run, event),
+                Fingerprint::of_bytes(b"lost batch"),
+            )
+            .with_lease(Duration::from_secs(600))
+        })
+        .collect();
+    stores.lose_claim_answer(&proxy, &requests[0].id, false, true);
+    let error = stores.via().claim_batch(&requests).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert_eq!(proxy.lost(), 1);
+    for request in &requests {
+        let held = stores.direct().get(&request.id).await.unwrap().unwrap();
+        assert!(
+            matches!(held.state, RecordState::InFlight { .. }),
+            "{held:?}"
+        );
+    }
+    proxy.heal();
+    stores.settle_lost_claims().await;
+    for request in &requests {
+        let released = stores.direct().get(&request.id).await.unwrap().unwrap();
+        assert!(
+            matches!(released.state, RecordState::Released { .. }),
+            "{released:?}"
+        );
+        assert!(matches!(
+            stores.direct().claim(request).await.unwrap(),
+            ClaimOutcome::Acquired(_)
+        ));
+    }
+}
+
 /// The store itself: a claim that ran on the server but whose caller stopped waiting for
 /// the answer (a client that went away, the gateway's `store_timeout`) is released, as its
 /// caller executes nothing; the next claim acquires the record afresh.
@@ -793,6 +835,18 @@ async fn postgres_claim_whose_answer_is_lost_is_read_back_and_executes_once() {
 async fn redis_claim_whose_answer_is_lost_is_read_back_and_executes_once() {
     let Some(server) = redis() else { return };
     a_lost_claim_answer_is_read_back(&server, Wire::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lost_batch_releases_what_it_took() {
+    let Some(server) = postgres() else { return };
+    a_lost_batch_releases_what_it_took(&server, Wire::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_batch_releases_what_it_took() {
+    let Some(server) = redis() else { return };
+    a_lost_batch_releases_what_it_took(&server, Wire::Redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
