@@ -737,11 +737,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use idem_core::Fingerprint;
 
     fn hex_nonces(count: usize) -> Vec<String> {
         nonces(count).unwrap().iter().map(|n| hex(n)).collect()
     }
-    use idem_core::Fingerprint;
 
     /// A store on the server of `var` (set by scripts/test), under a prefix of its own.
     async fn store(var: &str) -> RedisStore {

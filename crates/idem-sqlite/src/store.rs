@@ -21,7 +21,7 @@ use crate::readers::Readers;
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::schema;
 use crate::stats::{Counters, SqliteStats};
-use crate::writer::{Done, Writer, task};
+use crate::writer::{Done, Unanswered, Writer, task};
 
 /// The embedded [`Store`]: records in one SQLite file, claims durable before they are
 /// answered, concurrent operations grouped into shared transactions.
@@ -60,15 +60,22 @@ impl fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// What becomes of claims whose caller went away after they were applied, before their
-    /// answer: each record a claim acquired is released (its caller executes nothing); one
-    /// it took over from an earlier attempt stays in flight, as that attempt's outcome is
-    /// still unknown. The release is queued behind the claims (if the queue is full, the
-    /// record stays held until its lease passes, as the claim's would).
-    fn release_unanswered(&self) -> impl Fn(&[ClaimOutcome]) + Send + 'static {
-        let queue = self.writer.queue();
-        move |outcomes| {
-            let Some(queue) = &queue else { return };
-            for outcome in outcomes {
+    /// answer (`None` if the claims say not to release what they took): each record a
+    /// claim acquired is released (its caller executes nothing); one it took over from an
+    /// earlier attempt stays in flight, as that attempt's outcome is still unknown. The
+    /// release is queued behind the claims (if the queue is full, the record stays held
+    /// until its lease passes, as the claim's would).
+    fn release_unanswered<T: 'static>(
+        &self,
+        release_if_lost: bool,
+        outcomes: fn(&T) -> &[ClaimOutcome],
+    ) -> Option<Unanswered<T>> {
+        if !release_if_lost {
+            return None;
+        }
+        let queue = self.writer.queue()?;
+        Some(Box::new(move |answer: T| {
+            for outcome in outcomes(&answer) {
                 if let ClaimOutcome::Acquired(lease) = outcome {
                     let (id, token) = (lease.id, lease.token);
                     let (op, _) = task(move |db| ops::release(db, &id, token));
@@ -77,7 +84,7 @@ impl SqliteStore {
                     }
                 }
             }
-        }
+        }))
     }
 
     /// Opens the store in the file at `path`, creating it if it does not exist.
@@ -196,18 +203,12 @@ impl Store for SqliteStore {
         if let Some(replay) = self.replay_from_reader(request).await? {
             return Ok(replay);
         }
+        let unanswered = self.release_unanswered(request.release_if_lost, std::slice::from_ref);
         let request = request.clone();
-        if !request.release_if_lost {
-            return self
-                .writer
-                .run(move |db| ops::claim(db, &request).map(Done::quiet))
-                .await;
-        }
-        let release = self.release_unanswered();
         self.writer
             .run_for_caller(
                 move |db| ops::claim(db, &request).map(Done::quiet),
-                Box::new(move |outcome| release(std::slice::from_ref(&outcome))),
+                unanswered,
             )
             .await
     }
@@ -254,19 +255,11 @@ impl Store for SqliteStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
+        let unanswered =
+            self.release_unanswered(requests.iter().all(|r| r.release_if_lost), Vec::as_slice);
         let requests = requests.to_vec();
-        if !requests.iter().all(|r| r.release_if_lost) {
-            return self
-                .writer
-                .run(move |db| ops::claim_batch(db, &requests))
-                .await;
-        }
-        let release = self.release_unanswered();
         self.writer
-            .run_for_caller(
-                move |db| ops::claim_batch(db, &requests),
-                Box::new(move |outcomes: Vec<ClaimOutcome>| release(&outcomes)),
-            )
+            .run_for_caller(move |db| ops::claim_batch(db, &requests), unanswered)
             .await
     }
 
@@ -363,7 +356,8 @@ mod tests {
         assert!(matches!(took_over, ClaimOutcome::TookOver { .. }));
 
         // As if the callers of both claims had gone before their answers came.
-        (store.release_unanswered())(&[acquired, took_over]);
+        let release = store.release_unanswered(true, Vec::as_slice).unwrap();
+        release(vec![acquired, took_over]);
         // The release is queued behind them; an operation after it sees it applied.
         store.claim(&request("after")).await.unwrap();
         let state = |record: Option<Record>| record.unwrap().state;

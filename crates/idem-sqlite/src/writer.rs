@@ -190,16 +190,17 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
     {
-        self.send(task(work)).await
+        self.run_for_caller(work, None).await
     }
 
-    /// [`run`](Self::run) for an operation that is pointless once its caller has gone (a
-    /// claim): not applied if the caller goes away while it is queued, and handed to
-    /// `unanswered` if the caller goes away after it was applied, before its answer.
+    /// [`run`](Self::run), and with `unanswered` set, for an operation that is pointless
+    /// once its caller has gone (a claim): not applied if the caller goes away while it is
+    /// queued, and its answer handed to `unanswered` if the caller goes away after it was
+    /// applied.
     pub(crate) async fn run_for_caller<T, F>(
         &self,
         work: F,
-        unanswered: Unanswered<T>,
+        unanswered: Option<Unanswered<T>>,
     ) -> Result<T, Error>
     where
         T: Send + 'static,
@@ -210,15 +211,8 @@ impl Writer {
             work: Some(work),
             result: None,
             reply,
-            unanswered: Some(unanswered),
+            unanswered,
         });
-        self.send((op, answer)).await
-    }
-
-    async fn send<T>(
-        &self,
-        (op, answer): (Box<dyn Pending>, oneshot::Receiver<Result<T, Error>>),
-    ) -> Result<T, Error> {
         let path = &self.shared.path;
         let queue = self
             .queue
