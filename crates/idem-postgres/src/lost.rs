@@ -34,10 +34,18 @@ pub(crate) fn start(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut unanswered = FIRST_RETRY;
+        let mut refused = 0;
         loop {
             lost.wait().await;
             let wake = lost.wake_at(Instant::now(), FIRST_RETRY, MAX_RETRY);
             tokio::time::sleep_until(wake.into()).await;
+            if lost.refused() > refused {
+                refused = lost.refused();
+                tracing::warn!(
+                    refused,
+                    "postgres: the list of lost claims is full; the records of those refused stay held until their leases end"
+                );
+            }
             let claims = lost.take(Instant::now());
             if claims.is_empty() {
                 continue;
