@@ -35,6 +35,15 @@
 //! | `pool_size` | 16 | connections in the pool |
 //! | `migrate` | `true` | run pending migrations when connecting (else [`migrate`] does it) |
 //!
+//! # TLS
+//!
+//! With the `tls` feature (rustls), the URL's `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey` work as in libpq: `prefer` (the default) encrypts when the server offers it,
+//! `require` always, `verify-ca` also checks the certificate against `sslrootcert`'s
+//! authorities, `verify-full` also the host name
+//! (`postgres://idem@db/idem?sslmode=verify-full&sslrootcert=/etc/idem/db-ca.pem`).
+//! Without the feature, a URL that asks for TLS is refused.
+//!
 //! # Claims under load
 //!
 //! A single claim, or a completion, runs alone while a pooled connection is free. When
@@ -61,10 +70,13 @@
 mod claims;
 mod combine;
 mod completes;
+mod connect;
 mod lost;
 mod migrate;
 mod queries;
 mod row;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,11 +91,11 @@ use idem_core::{
     RecordState, StateKind, Store, Timestamp, WaitForCompletion, duration_millis,
 };
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 
 use claims::{Claimer, Held};
 use combine::Combiner;
 use completes::{Completer, Settled};
+use connect::Target;
 pub use migrate::migrate;
 use queries::Queries;
 
@@ -259,16 +271,14 @@ impl PostgresStore {
     /// Connects a pool to `url` (`postgres://user:password@host:port/database`), runs
     /// pending migrations (unless disabled) and starts listening for completions.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, Error> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| Error::InvalidRequest {
-            reason: format!("invalid PostgreSQL URL: {e}"),
-        })?;
+        let target = Target::parse(url)?;
         let queries = Arc::new(Queries::new(&options.schema, &options.table)?);
         if options.migrate {
-            migrate::run(&config, &queries).await?;
+            migrate::run(&target, &queries).await?;
         }
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            target.config.clone(),
+            target.tls(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -280,7 +290,7 @@ impl PostgresStore {
         // Check the table is there (and the schema current) before accepting work.
         migrate::check(&pool, &queries).await?;
         let notifier = Arc::new(CompletionNotifier::new());
-        let listener = listen::start(config, queries.channel.clone(), notifier.clone()).await?;
+        let listener = listen::start(target, queries.channel.clone(), notifier.clone()).await?;
         let lost = Arc::new(LostClaims::default());
         let releaser = lost::start(
             pool.clone(),
@@ -591,16 +601,18 @@ mod listen {
     use idem_core::{Error, RecordId};
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
-    use tokio_postgres::{AsyncMessage, NoTls};
+    use tokio_postgres::AsyncMessage;
+
+    use crate::connect::Target;
 
     /// Starts the listener and waits until its first `LISTEN` is in place.
     pub(crate) async fn start(
-        config: tokio_postgres::Config,
+        target: Target,
         channel: String,
         notifier: Arc<CompletionNotifier>,
     ) -> Result<JoinHandle<()>, Error> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run(config, channel, notifier, Some(ready_tx)));
+        let task = tokio::spawn(run(target, channel, notifier, Some(ready_tx)));
         match ready_rx.await {
             Ok(Ok(())) => Ok(task),
             Ok(Err(e)) => {
@@ -615,14 +627,14 @@ mod listen {
     }
 
     async fn run(
-        config: tokio_postgres::Config,
+        target: Target,
         channel: String,
         notifier: Arc<CompletionNotifier>,
         mut ready: Option<oneshot::Sender<Result<(), Error>>>,
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match listen_once(&config, &channel, &notifier, &mut ready).await {
+            match listen_once(&target, &channel, &notifier, &mut ready).await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     if let Some(ready) = ready.take() {
@@ -639,13 +651,13 @@ mod listen {
 
     /// One connection's life: LISTEN, dispatch notifications until it ends.
     async fn listen_once(
-        config: &tokio_postgres::Config,
+        target: &Target,
         channel: &str,
         notifier: &Arc<CompletionNotifier>,
         ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
     ) -> Result<(), Error> {
-        let (client, mut connection) = config
-            .connect(NoTls)
+        let (client, mut connection) = target
+            .connect()
             .await
             .map_err(|e| crate::pg_error("listener connect", e))?;
         let dispatch_notifier = notifier.clone();

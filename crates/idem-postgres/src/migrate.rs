@@ -3,8 +3,8 @@
 
 use deadpool_postgres::Pool;
 use idem_core::Error;
-use tokio_postgres::NoTls;
 
+use crate::connect::Target;
 use crate::queries::{CURRENT_VERSION, Queries};
 use crate::{PostgresOptions, pg_error};
 
@@ -12,20 +12,12 @@ use crate::{PostgresOptions, pg_error};
 /// Safe to run from several replicas at once (they serialise on an advisory lock per
 /// schema).
 pub async fn migrate(url: &str, options: &PostgresOptions) -> Result<Vec<i32>, Error> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| Error::InvalidRequest {
-        reason: format!("invalid PostgreSQL URL: {e}"),
-    })?;
-    run(&config, &Queries::new(&options.schema, &options.table)?).await
+    let target = Target::parse(url)?;
+    run(&target, &Queries::new(&options.schema, &options.table)?).await
 }
 
-pub(crate) async fn run(
-    config: &tokio_postgres::Config,
-    queries: &Queries,
-) -> Result<Vec<i32>, Error> {
-    let (mut client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| pg_error("connect", e))?;
+pub(crate) async fn run(target: &Target, queries: &Queries) -> Result<Vec<i32>, Error> {
+    let (mut client, connection) = target.connect().await.map_err(|e| pg_error("connect", e))?;
     let driver = tokio::spawn(connection);
     let result = async {
         let tx = client

@@ -85,3 +85,54 @@ async fn the_gateway_deduplicates_on_a_redis_store() {
     };
     two_replicas_execute_once(&url).await;
 }
+
+/// The TLS server's URL through `localhost` (the name its certificate carries), with
+/// `query`.
+#[cfg(feature = "postgres-tls")]
+fn tls_url(query: &str) -> Option<String> {
+    let url = server_url("IDEM_TEST_POSTGRES_TLS_URL")?;
+    let dir = server_url("IDEM_TEST_POSTGRES_TLS_DIR")?;
+    Some(format!(
+        "{}?{}",
+        url.replace("@127.0.0.1:", "@localhost:"),
+        query.replace("DIR", &dir)
+    ))
+}
+
+#[cfg(feature = "postgres-tls")]
+#[tokio::test]
+async fn the_gateway_deduplicates_on_a_postgres_store_over_verified_tls() {
+    let Some(url) = tls_url("sslmode=verify-full&sslrootcert=DIR/ca.crt") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = idem(dir.path(), &["migrate", "--store", &url]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    two_replicas_execute_once(&url).await;
+}
+
+#[cfg(feature = "postgres-tls")]
+#[test]
+fn idem_migrate_refuses_a_tls_url_it_cannot_trust_in_one_line() {
+    let cases = [
+        ("sslmode=verify-ca", "sslrootcert"),
+        (
+            "sslmode=verify-full&sslrootcert=DIR/missing.crt",
+            "missing.crt",
+        ),
+        (
+            "sslmode=verify-full&sslrootcert=DIR/other-ca.crt",
+            "certificate",
+        ),
+    ];
+    for (query, expected) in cases {
+        let Some(url) = tls_url(query) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (code, stdout, stderr) = idem(dir.path(), &["migrate", "--store", &url]);
+        assert_ne!(code, 0, "{query}: {stdout}{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{query}: {stderr}");
+        assert!(stderr.contains(expected), "{query}: {stderr}");
+    }
+}

@@ -1,6 +1,7 @@
 //! What the PostgreSQL store's test files share.
 
 /// The test server, from `IDEM_TEST_POSTGRES_URL` (`scripts/test` starts one and sets it).
+#[allow(dead_code)]
 pub(crate) fn url() -> String {
     std::env::var("IDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| {
         panic!(
