@@ -55,7 +55,8 @@ pub(crate) enum Verify {
 /// The TLS parameters of a URL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TlsParameters {
-    pub(crate) mode: Mode,
+    /// `sslmode`, when the query names it (else the driver's reading of the URL decides).
+    pub(crate) mode: Option<Mode>,
     /// `sslrootcert`: a PEM file, or `system`.
     pub(crate) root_cert: Option<String>,
     /// `sslcert`: the client certificate chain (PEM).
@@ -67,7 +68,17 @@ pub(crate) struct TlsParameters {
 impl TlsParameters {
     /// How the server's certificate is checked under these parameters.
     pub(crate) fn verify(&self) -> Result<Verify, Error> {
-        Ok(match self.mode {
+        let system = self.root_cert.as_deref() == Some("system");
+        let mode = self.mode.unwrap_or_default();
+        if system && mode != Mode::VerifyFull {
+            // As libpq has it: the system's authorities vouch for a host name, never alone.
+            return Err(invalid(
+                "sslrootcert=system goes with sslmode=verify-full only: the system's \
+                 authorities sign certificates for any host, so only the host name check \
+                 makes them mean anything",
+            ));
+        }
+        Ok(match mode {
             Mode::Disable | Mode::Prefer => Verify::Nothing,
             Mode::Require if self.root_cert.is_some() => Verify::Chain,
             Mode::Require => Verify::Nothing,
@@ -86,8 +97,10 @@ impl TlsParameters {
     /// Whether the URL asks for anything only TLS can do.
     #[cfg(not(feature = "tls"))]
     fn needs_tls(&self) -> bool {
-        matches!(self.mode, Mode::Require | Mode::VerifyCa | Mode::VerifyFull)
-            || self.root_cert.is_some()
+        matches!(
+            self.mode,
+            Some(Mode::Require | Mode::VerifyCa | Mode::VerifyFull)
+        ) || self.root_cert.is_some()
             || self.cert.is_some()
             || self.key.is_some()
     }
@@ -109,16 +122,14 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
     };
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, raw) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = || {
-            percent_encoding::percent_decode_str(raw)
-                .decode_utf8()
-                .map(|v| v.into_owned())
-                .map_err(|_| invalid(&format!("{name} is not UTF-8 once percent-decoded")))
-        };
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        // Names are percent-decoded too, as the driver decodes them: `ssl%6Dode` is sslmode.
+        let name = decode(raw_name, "a parameter name")?;
+        let name = name.as_str();
+        let value = || decode(raw_value, name);
         match name {
             "sslmode" => {
-                parameters.mode = match value()?.as_str() {
+                parameters.mode = Some(match value()?.as_str() {
                     "disable" => Mode::Disable,
                     "allow" | "prefer" => Mode::Prefer,
                     "require" => Mode::Require,
@@ -130,7 +141,7 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
                              verify-full, not {other:?}"
                         )));
                     }
-                }
+                })
             }
             "sslrootcert" => parameters.root_cert = Some(non_empty(name, value()?)?),
             "sslcert" => parameters.cert = Some(non_empty(name, value()?)?),
@@ -140,12 +151,9 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
                     "sslpassword is not supported: give sslkey a key file that is not encrypted",
                 ));
             }
-            "sslcrl"
-            | "sslcrldir"
-            | "sslsni"
-            | "sslcompression"
-            | "ssl_min_protocol_version"
-            | "ssl_max_protocol_version" => {
+            // The driver's own (TLS negotiation, as PostgreSQL 17 has it).
+            "sslnegotiation" => kept.push(pair),
+            _ if name.starts_with("ssl") => {
                 return Err(invalid(&format!("{name} is not supported")));
             }
             _ => kept.push(pair),
@@ -162,6 +170,13 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
         format!("{base}?{}", kept.join("&"))
     };
     Ok((url, parameters))
+}
+
+fn decode(text: &str, what: &str) -> Result<String, Error> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|v| v.into_owned())
+        .map_err(|_| invalid(&format!("{what} is not UTF-8 once percent-decoded")))
 }
 
 fn is_url(url: &str) -> bool {
@@ -187,15 +202,16 @@ impl Target {
         let (driver_url, mut parameters) = split(url)?;
         let mut config: tokio_postgres::Config =
             driver_url.parse().map_err(|e| invalid(&format!("{e}")))?;
-        if !is_url(url) {
-            // The key=value form, whose sslmode the driver read.
-            parameters.mode = match config.get_ssl_mode() {
+        if parameters.mode.is_none() {
+            // The driver's reading: the key=value form's sslmode, or one the query split
+            // did not see (a `?` inside the password), never weakened to the default.
+            parameters.mode = Some(match config.get_ssl_mode() {
                 SslMode::Disable => Mode::Disable,
                 SslMode::Require => Mode::Require,
                 _ => Mode::Prefer,
-            };
+            });
         }
-        config.ssl_mode(match parameters.mode {
+        config.ssl_mode(match parameters.mode.unwrap_or_default() {
             Mode::Disable => SslMode::Disable,
             Mode::Prefer => SslMode::Prefer,
             Mode::Require | Mode::VerifyCa | Mode::VerifyFull => SslMode::Require,
@@ -218,14 +234,20 @@ impl Target {
     }
 }
 
+/// Checks a URL's TLS parameters as far as can be done without reading their files.
+pub(crate) fn check(url: &str) -> Result<(), Error> {
+    let (_, parameters) = split(url)?;
+    parameters.verify()?;
+    supported(&parameters)
+}
+
 #[cfg(feature = "tls")]
-fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
-    crate::tls::connector(parameters)
+fn supported(_: &TlsParameters) -> Result<(), Error> {
+    Ok(())
 }
 
 #[cfg(not(feature = "tls"))]
-fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
-    parameters.verify()?;
+fn supported(parameters: &TlsParameters) -> Result<(), Error> {
     if parameters.needs_tls() {
         return Err(Error::InvalidRequest {
             reason: "the PostgreSQL URL asks for TLS (sslmode=require or stricter, or \
@@ -234,6 +256,18 @@ fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
                 .into(),
         });
     }
+    Ok(())
+}
+
+#[cfg(feature = "tls")]
+fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
+    crate::tls::connector(parameters)
+}
+
+#[cfg(not(feature = "tls"))]
+fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
+    parameters.verify()?;
+    supported(parameters)?;
     Ok(tokio_postgres::NoTls)
 }
 
@@ -264,7 +298,7 @@ mod tests {
         assert_eq!(
             p,
             TlsParameters {
-                mode: Mode::VerifyFull,
+                mode: Some(Mode::VerifyFull),
                 root_cert: Some("/etc/ca bundle.pem".into()),
                 cert: Some("/c.pem".into()),
                 key: Some("/k.pem".into()),
@@ -273,7 +307,13 @@ mod tests {
         let (url, p) = split("postgresql://u@db/d?sslmode=require").unwrap();
         assert_eq!(
             (url.as_str(), p.mode),
-            ("postgresql://u@db/d", Mode::Require)
+            ("postgresql://u@db/d", Some(Mode::Require))
+        );
+        // Names are percent-decoded, as the driver decodes them.
+        let (url, p) = split("postgres://u@db/d?ssl%6Dode=verify-full").unwrap();
+        assert_eq!(
+            (url.as_str(), p.mode),
+            ("postgres://u@db/d", Some(Mode::VerifyFull))
         );
         let (url, p) = split("host=db sslmode=require").unwrap();
         assert_eq!(
@@ -285,7 +325,7 @@ mod tests {
     #[test]
     fn each_mode_checks_what_libpq_checks() {
         let with = |mode, root: Option<&str>| TlsParameters {
-            mode,
+            mode: Some(mode),
             root_cert: root.map(str::to_owned),
             ..TlsParameters::default()
         };
@@ -303,6 +343,10 @@ mod tests {
             assert_eq!(parameters.verify().unwrap(), verify, "{parameters:?}");
         }
         assert!(reason(with(Mode::VerifyCa, None).verify().unwrap_err()).contains("sslrootcert"));
+        for mode in [Mode::Disable, Mode::Prefer, Mode::Require, Mode::VerifyCa] {
+            let got = reason(with(mode, Some("system")).verify().unwrap_err());
+            assert!(got.contains("verify-full only"), "{mode:?}: {got}");
+        }
     }
 
     #[test]
@@ -327,6 +371,11 @@ mod tests {
                 "sslpassword is not supported",
             ),
             ("postgres://db/d?sslcrl=/crl.pem", "sslcrl is not supported"),
+            ("postgres://db/d?sslsni=0", "sslsni is not supported"),
+            (
+                "postgres://db/d?ssl%70assword=x",
+                "sslpassword is not supported",
+            ),
             ("postgres://db/d?sslrootcert=%FF", "not UTF-8"),
         ];
         for (url, expected) in cases {
@@ -338,6 +387,29 @@ mod tests {
             .err()
             .map(reason);
         assert!(got.unwrap().contains("needs sslrootcert"));
+    }
+
+    #[test]
+    fn an_sslmode_the_query_split_does_not_see_is_kept_as_the_driver_reads_it() {
+        for (url, mode) in [
+            // A `?` in the password: the driver reads the credentials up to the `@`.
+            ("postgres://u:pa?ss@db/d?sslmode=require", SslMode::Require),
+            ("host=db sslmode=require", SslMode::Require),
+            ("host=db sslmode=disable", SslMode::Disable),
+            ("host=db", SslMode::Prefer),
+            ("postgres://u@db/d", SslMode::Prefer),
+        ] {
+            match Target::parse(url) {
+                Ok(target) => assert_eq!(target.config.get_ssl_mode(), mode, "{url}"),
+                // Without the `tls` feature, a URL that requires TLS is refused outright.
+                Err(e) => {
+                    assert!(
+                        cfg!(not(feature = "tls")) && mode == SslMode::Require,
+                        "{url}: {e}"
+                    )
+                }
+            }
+        }
     }
 
     #[cfg(not(feature = "tls"))]

@@ -168,8 +168,10 @@ impl PostgresOptions {
                 _ => kept.push(pair),
             }
         }
-        // The names are checked as the store checks them (plain identifiers).
+        // The names are checked as the store checks them (plain identifiers), and the TLS
+        // parameters as far as they can be before their files are read.
         Queries::new(&self.schema, &self.table)?;
+        connect::check(url)?;
         let url = if kept.is_empty() {
             base.to_owned()
         } else {

@@ -89,10 +89,16 @@ fn roots(root_cert: Option<&str>) -> Result<RootCertStore, Error> {
             let found = rustls_native_certs::load_native_certs();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
                 return Err(Error::InvalidRequest {
-                    reason: "no trusted authority found on this system for sslmode=verify-full: \
-                             give the server's authority with sslrootcert=FILE"
-                        .into(),
+                    reason: format!(
+                        "no authority certificate found on this system{why}: give the \
+                         server's authority with sslrootcert=FILE"
+                    ),
                 });
             }
         }
@@ -222,7 +228,7 @@ mod tests {
         let cases = [
             (
                 TlsParameters {
-                    mode: Mode::VerifyFull,
+                    mode: Some(Mode::VerifyFull),
                     root_cert: Some("/nonexistent/ca.pem".into()),
                     ..TlsParameters::default()
                 },
@@ -230,7 +236,7 @@ mod tests {
             ),
             (
                 TlsParameters {
-                    mode: Mode::VerifyCa,
+                    mode: Some(Mode::VerifyCa),
                     root_cert: Some(empty.clone()),
                     ..TlsParameters::default()
                 },
@@ -238,7 +244,7 @@ mod tests {
             ),
             (
                 TlsParameters {
-                    mode: Mode::Require,
+                    mode: Some(Mode::Require),
                     cert: Some(empty.clone()),
                     key: Some(empty.clone()),
                     ..TlsParameters::default()
@@ -255,7 +261,12 @@ mod tests {
 
     #[test]
     fn the_modes_without_a_file_build_a_connector() {
-        for mode in [Mode::Disable, Mode::Prefer, Mode::Require] {
+        for mode in [
+            None,
+            Some(Mode::Disable),
+            Some(Mode::Prefer),
+            Some(Mode::Require),
+        ] {
             connector(&TlsParameters {
                 mode,
                 ..TlsParameters::default()

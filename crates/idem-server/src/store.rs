@@ -70,14 +70,17 @@ impl StoreUrl {
             ))),
             "sqlite" => Ok(StoreUrl::Sqlite(PathBuf::from(rest))),
             "postgres" | "postgresql" => {
-                // The store's own parameters (schema, table, pool_size) are checked now.
+                // The driver reads the scheme in lower case only.
+                let url = format!("{}://{rest}", scheme.to_ascii_lowercase());
+                // The store's own parameters (schema, table, pool_size) and the TLS ones
+                // are checked now.
                 PostgresOptions::default()
-                    .with_url_parameters(url)
+                    .with_url_parameters(&url)
                     .map_err(|e| match e {
                         Error::InvalidRequest { reason } => StoreUrlError(reason),
                         other => StoreUrlError(other.to_string()),
                     })?;
-                Ok(StoreUrl::Postgres(url.to_string()))
+                Ok(StoreUrl::Postgres(url))
             }
             "redis" | "redis+cluster" => Ok(StoreUrl::Redis(url.to_string())),
             "rediss" | "rediss+cluster" => Err(StoreUrlError(format!(
@@ -245,6 +248,12 @@ mod tests {
         ));
         let e = StoreUrl::parse("postgres://u:p@h/db?pool_size=0").unwrap_err();
         assert!(e.to_string().contains("pool_size"), "{e}");
+        assert_eq!(
+            StoreUrl::parse("PostgreSQL://u:p@h/db").unwrap(),
+            StoreUrl::Postgres("postgresql://u:p@h/db".into())
+        );
+        let e = StoreUrl::parse("postgres://u:p@h/db?sslmode=verify-ca").unwrap_err();
+        assert!(e.to_string().contains("needs sslrootcert"), "{e}");
         let e = StoreUrl::parse("postgres://u:p@h/db?table=Bad-Name").unwrap_err();
         assert!(e.to_string().contains("table"), "{e}");
         assert!(matches!(
