@@ -272,12 +272,13 @@ fn connector(parameters: &TlsParameters) -> Result<Tls, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
-    fn reason(e: Error) -> String {
+    /// The reason of an `InvalidRequest`; a panic for any other error.
+    pub(crate) fn reason(e: Error) -> String {
         match e {
             Error::InvalidRequest { reason } => reason,
             other => panic!("expected InvalidRequest, got {other:?}"),

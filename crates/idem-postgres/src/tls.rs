@@ -210,13 +210,7 @@ mod tests {
 
     use super::*;
     use crate::connect::Mode;
-
-    fn reason(e: Error) -> String {
-        match e {
-            Error::InvalidRequest { reason } => reason,
-            other => panic!("expected InvalidRequest, got {other:?}"),
-        }
-    }
+    use crate::connect::tests::reason;
 
     #[test]
     fn missing_or_empty_files_are_refused_with_their_path() {
