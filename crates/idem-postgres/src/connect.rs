@@ -117,7 +117,7 @@ pub(crate) fn invalid(reason: &str) -> Error {
 /// (it reads `sslmode=disable|prefer|require` there itself).
 pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
     let mut parameters = TlsParameters::default();
-    let Some((base, query)) = url.split_once('?').filter(|_| is_url(url)) else {
+    let Some((base, query)) = query_split(url) else {
         return Ok((url.to_owned(), parameters));
     };
     let mut kept = Vec::new();
@@ -159,6 +159,10 @@ pub(crate) fn split(url: &str) -> Result<(String, TlsParameters), Error> {
             _ => kept.push(pair),
         }
     }
+    if parameters.mode.is_none() && parameters.root_cert.as_deref() == Some("system") {
+        // libpq's default with the system's authorities.
+        parameters.mode = Some(Mode::VerifyFull);
+    }
     if parameters.cert.is_some() != parameters.key.is_some() {
         return Err(invalid(
             "sslcert and sslkey go together: the certificate and its key",
@@ -179,8 +183,17 @@ fn decode(text: &str, what: &str) -> Result<String, Error> {
         .map_err(|_| invalid(&format!("{what} is not UTF-8 once percent-decoded")))
 }
 
-fn is_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
+/// A `postgres://` URL's part before its query and its query, found where the driver finds
+/// them: the credentials run to the first `@` (a `?` in a password is the password's), the
+/// query starts at the first `?` after them.
+fn query_split(url: &str) -> Option<(&str, &str)> {
+    let scheme = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|scheme| url.starts_with(scheme))?;
+    let rest = &url[scheme.len()..];
+    let host_start = scheme.len() + rest.find('@').map_or(0, |at| at + 1);
+    let at = host_start + url[host_start..].find('?')?;
+    Some((&url[..at], &url[at + 1..]))
 }
 
 fn non_empty(name: &str, value: String) -> Result<String, Error> {
@@ -310,6 +323,17 @@ pub(crate) mod tests {
             (url.as_str(), p.mode),
             ("postgresql://u@db/d", Some(Mode::Require))
         );
+        let (url, p) = split("postgres://u:pa?sslmode=disable@db/d?sslmode=verify-full").unwrap();
+        assert_eq!(
+            (url.as_str(), p.mode),
+            (
+                "postgres://u:pa?sslmode=disable@db/d",
+                Some(Mode::VerifyFull)
+            )
+        );
+        // libpq's default mode with the system's authorities.
+        let (_, p) = split("postgres://db/d?sslrootcert=system").unwrap();
+        assert_eq!(p.mode, Some(Mode::VerifyFull));
         // Names are percent-decoded, as the driver decodes them.
         let (url, p) = split("postgres://u@db/d?ssl%6Dode=verify-full").unwrap();
         assert_eq!(
@@ -393,8 +417,9 @@ pub(crate) mod tests {
     #[test]
     fn an_sslmode_the_query_split_does_not_see_is_kept_as_the_driver_reads_it() {
         for (url, mode) in [
-            // A `?` in the password: the driver reads the credentials up to the `@`.
+            // A `?` in the password: the credentials run to the `@`, for both readings.
             ("postgres://u:pa?ss@db/d?sslmode=require", SslMode::Require),
+            ("postgres://u:pa?ssl@db/d?sslmode=disable", SslMode::Disable),
             ("host=db sslmode=require", SslMode::Require),
             ("host=db sslmode=disable", SslMode::Disable),
             ("host=db", SslMode::Prefer),
