@@ -59,11 +59,14 @@ impl LostClaim {
     /// `request`'s claim with holder nonce `holder`, sent at `sent`; an attempt is due at
     /// once.
     pub fn new(request: &ClaimRequest, holder: [u8; 16], sent: Instant) -> Self {
+        // A lease or retention beyond what the clock can hold lasts as long as the list
+        // needs to care (the record outlives the process).
+        let after = |d: Duration| sent.checked_add(d).unwrap_or_else(|| sent + FAR);
         Self {
             id: request.id,
             holder,
-            lease_end: sent + request.lease,
-            until: sent + request.lease.saturating_add(request.retention),
+            lease_end: after(request.lease),
+            until: after(request.lease.saturating_add(request.retention)),
             next: sent,
             misses: 0,
         }
@@ -91,6 +94,9 @@ impl LostClaim {
         self
     }
 }
+
+/// A time past any process's life (a hundred years), for leases beyond the clock's range.
+const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The lost claims of a store, waiting to be released.
 #[derive(Debug)]
@@ -269,6 +275,21 @@ mod tests {
             next,
             misses: 0,
         }
+    }
+
+    #[test]
+    fn a_claim_with_a_lease_beyond_the_clock_is_recorded() {
+        let request = ClaimRequest::new(
+            RecordId::for_event("lost", "long"),
+            crate::Fingerprint::of_bytes(b"x"),
+        )
+        .with_lease(Duration::MAX)
+        .with_retention(Duration::MAX);
+        let now = Instant::now();
+        let claim = LostClaim::new(&request, [1; 16], now);
+        assert!(claim.lease_end > now + Duration::from_secs(3600 * 24 * 365));
+        assert_eq!(claim.lease_end, claim.until);
+        assert_eq!(claim.next, now);
     }
 
     #[test]
