@@ -6,12 +6,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use idem_core::Error;
-use tokio::sync::mpsc;
 
 use crate::ops;
 use crate::queries::Shared;
 use crate::stats::Counters;
-use crate::writer::{Done, Pending, task};
+use crate::writer::{Done, Queue, task};
 
 /// What the reaper does each round.
 #[derive(Clone, Copy, Debug)]
@@ -59,7 +58,7 @@ pub(crate) struct Reaper {
 
 impl Reaper {
     pub(crate) fn spawn(
-        queue: mpsc::Sender<Box<dyn Pending>>,
+        queue: Queue,
         shared: Arc<Shared>,
         config: ReaperConfig,
     ) -> Result<Self, Error> {
@@ -94,11 +93,7 @@ impl Drop for Reaper {
 }
 
 /// Queues `work` on the writer and waits for its answer; `None` if the writer is gone.
-fn submit<T, F>(
-    queue: &mpsc::Sender<Box<dyn Pending>>,
-    shared: &Shared,
-    work: F,
-) -> Option<Result<T, Error>>
+fn submit<T, F>(queue: &Queue, shared: &Shared, work: F) -> Option<Result<T, Error>>
 where
     T: Send + 'static,
     F: FnOnce(&crate::queries::Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
@@ -109,7 +104,7 @@ where
     answer.blocking_recv().ok()
 }
 
-fn run(stop: &Stop, queue: &mpsc::Sender<Box<dyn Pending>>, shared: &Shared, config: ReaperConfig) {
+fn run(stop: &Stop, queue: &Queue, shared: &Shared, config: ReaperConfig) {
     let stats = &shared.stats;
     // Free pages left by the last round's vacuum.
     let mut free_pages = 0;

@@ -58,35 +58,34 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
-impl SqliteStore {
-    /// What becomes of claims whose caller went away after they were applied, before their
-    /// answer (`None` if the claims say not to release what they took): each record a
-    /// claim acquired is released (its caller executes nothing); one it took over from an
-    /// earlier attempt stays in flight, as that attempt's outcome is still unknown. The
-    /// release is queued behind the claims (if the queue is full, the record stays held
-    /// until its lease passes, as the claim's would).
-    fn release_unanswered<T: 'static>(
-        &self,
-        release_if_lost: bool,
-        outcomes: fn(&T) -> &[ClaimOutcome],
-    ) -> Option<Unanswered<T>> {
-        if !release_if_lost {
-            return None;
-        }
-        let queue = self.writer.queue()?;
-        Some(Box::new(move |answer: T| {
-            for outcome in outcomes(&answer) {
-                if let ClaimOutcome::Acquired(lease) = outcome {
-                    let (id, token) = (lease.id, lease.token);
-                    let (op, _) = task(move |db| ops::release(db, &id, token));
-                    if queue.try_send(op).is_err() {
-                        tracing::warn!(record = %id, "sqlite: the writer's queue is full; an abandoned claim's record stays held until its lease ends");
-                    }
-                }
-            }
-        }))
+/// What becomes of claims whose caller went away after they were applied, before their
+/// answer: each record a claim acquired is released (its caller executes nothing), for the
+/// claims `releasable` marks (`release_if_lost`, in the order of the outcomes); `None` if
+/// it marks none. A record a claim took over from an earlier attempt stays in flight, as
+/// that attempt's outcome is still unknown.
+fn release_unanswered<T: 'static>(
+    releasable: Vec<bool>,
+    outcomes: fn(&T) -> &[ClaimOutcome],
+) -> Option<Unanswered<T>> {
+    if !releasable.contains(&true) {
+        return None;
     }
+    Some(Arc::new(move |answer: T| {
+        outcomes(&answer)
+            .iter()
+            .zip(&releasable)
+            .filter_map(|(outcome, release)| match outcome {
+                ClaimOutcome::Acquired(lease) if *release => {
+                    let (id, token) = (lease.id, lease.token);
+                    Some(task(move |db| ops::release(db, &id, token)).0)
+                }
+                _ => None,
+            })
+            .collect()
+    }))
+}
 
+impl SqliteStore {
     /// Opens the store in the file at `path`, creating it if it does not exist.
     ///
     /// # Errors
@@ -203,7 +202,7 @@ impl Store for SqliteStore {
         if let Some(replay) = self.replay_from_reader(request).await? {
             return Ok(replay);
         }
-        let unanswered = self.release_unanswered(request.release_if_lost, std::slice::from_ref);
+        let unanswered = release_unanswered(vec![request.release_if_lost], std::slice::from_ref);
         let request = request.clone();
         self.writer
             .run_for_caller(
@@ -255,8 +254,8 @@ impl Store for SqliteStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let unanswered =
-            self.release_unanswered(requests.iter().all(|r| r.release_if_lost), Vec::as_slice);
+        let releasable = requests.iter().map(|r| r.release_if_lost).collect();
+        let unanswered = release_unanswered(releasable, Vec::as_slice);
         let requests = requests.to_vec();
         self.writer
             .run_for_caller(move |db| ops::claim_batch(db, &requests), unanswered)
@@ -355,9 +354,18 @@ mod tests {
         let took_over = store.claim(&stale).await.unwrap();
         assert!(matches!(took_over, ClaimOutcome::TookOver { .. }));
 
-        // As if the callers of both claims had gone before their answers came.
-        let release = store.release_unanswered(true, Vec::as_slice).unwrap();
-        release(vec![acquired, took_over]);
+        let kept = request("kept");
+        let kept_outcome = store.claim(&kept).await.unwrap();
+
+        // As if the callers of these claims had gone before their answers came; the last
+        // one's request said not to release what it took.
+        let release = release_unanswered(vec![true, true, false], Vec::as_slice).unwrap();
+        let follow_ups = release(vec![acquired, took_over, kept_outcome]);
+        assert_eq!(follow_ups.len(), 1, "one release, for the acquired record");
+        let queue = store.writer.queue().unwrap();
+        for op in follow_ups {
+            assert!(queue.send(op).await.is_ok());
+        }
         // The release is queued behind them; an operation after it sees it applied.
         store.claim(&request("after")).await.unwrap();
         let state = |record: Option<Record>| record.unwrap().state;
@@ -369,5 +377,12 @@ mod tests {
             state(store.get(&stale.id).await.unwrap()),
             RecordState::InFlight { .. }
         ));
+        assert!(matches!(
+            state(store.get(&kept.id).await.unwrap()),
+            RecordState::InFlight { .. }
+        ));
+        assert!(
+            release_unanswered::<Vec<ClaimOutcome>>(vec![false, false], Vec::as_slice).is_none()
+        );
     }
 }

@@ -48,12 +48,18 @@ pub(crate) trait Pending: Send {
     fn settled(&self) -> &[RecordId];
 
     /// Sends the answer: the operation's own result if the batch committed, else the
-    /// batch's failure.
-    fn finish(self: Box<Self>, failure: Option<&SharedFailure>);
+    /// batch's failure. Returns the operations the answer calls for when nobody received
+    /// it (see [`Unanswered`]), for the writer's next batch.
+    fn finish(self: Box<Self>, failure: Option<&SharedFailure>) -> Vec<Box<dyn Pending>>;
 }
 
-/// What to do with the answer of an operation whose caller stopped waiting for it.
-pub(crate) type Unanswered<T> = Box<dyn FnOnce(T) + Send>;
+/// What an answer nobody received calls for (a claim's: releasing what it took), as
+/// operations for the writer: applied in its next batch when the writer finds the caller
+/// gone, or queued by the caller's side when it goes between the answer and its reading.
+pub(crate) type Unanswered<T> = Arc<dyn Fn(T) -> Vec<Box<dyn Pending>> + Send + Sync>;
+
+/// The sending end of the writer's queue.
+pub(crate) type Queue = mpsc::Sender<Box<dyn Pending>>;
 
 /// A [`Pending`] operation from a closure and the channel its answer goes back on.
 struct Task<T, F> {
@@ -116,7 +122,7 @@ where
         }
     }
 
-    fn finish(self: Box<Self>, failure: Option<&SharedFailure>) {
+    fn finish(self: Box<Self>, failure: Option<&SharedFailure>) -> Vec<Box<dyn Pending>> {
         let answer = match (failure, self.result) {
             (Some(failure), _) => Err(failure.to_error()),
             (None, Some(result)) => result.map(|done| done.value),
@@ -127,10 +133,9 @@ where
         };
         // The caller may have stopped waiting (its future was dropped); the operation
         // stands all the same, unless it says what to do with an answer nobody received.
-        if let Err(Ok(value)) = self.reply.send(answer)
-            && let Some(unanswered) = self.unanswered
-        {
-            unanswered(value);
+        match (self.reply.send(answer), self.unanswered) {
+            (Err(Ok(value)), Some(unanswered)) => unanswered(value),
+            _ => Vec::new(),
         }
     }
 }
@@ -139,7 +144,7 @@ where
 /// which finishes the operations already queued first.
 #[derive(Debug)]
 pub(crate) struct Writer {
-    queue: Option<mpsc::Sender<Box<dyn Pending>>>,
+    queue: Option<Queue>,
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -180,7 +185,7 @@ impl Writer {
     }
 
     /// A sender for the reaper.
-    pub(crate) fn queue(&self) -> Option<mpsc::Sender<Box<dyn Pending>>> {
+    pub(crate) fn queue(&self) -> Option<Queue> {
         self.queue.clone()
     }
 
@@ -207,29 +212,62 @@ impl Writer {
         F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        let path = &self.shared.path;
+        let queue = self
+            .queue
+            .as_ref()
+            .ok_or_else(|| error::stopped(path, "writer thread"))?;
+        let mut answer = Answer {
+            receiver: answer,
+            unanswered: unanswered.clone().map(|u| (u, queue.clone())),
+        };
         let op = Box::new(Task {
             work: Some(work),
             result: None,
             reply,
             unanswered,
         });
-        let path = &self.shared.path;
-        let queue = self
-            .queue
-            .as_ref()
-            .ok_or_else(|| error::stopped(path, "writer thread"))?;
         queue
             .send(op)
             .await
             .map_err(|_| error::stopped(path, "writer thread"))?;
         Counters::add(&self.shared.stats.submitted, 1);
-        answer.await.map_err(|_| Error::Unavailable {
+        let received = (&mut answer.receiver).await;
+        answer.unanswered = None;
+        received.map_err(|_| Error::Unavailable {
             message: format!(
                 "{path}: the writer thread stopped before answering; \
                  the operation may or may not have been applied"
             ),
             source: None,
         })?
+    }
+}
+
+/// The caller's end of an operation with an [`Unanswered`] handler. Dropped before the
+/// answer was read (the caller went away), it closes the channel: an answer not sent yet
+/// then goes to the handler on the writer's side, and one already sent to the handler
+/// here, whose operations are queued.
+struct Answer<T> {
+    receiver: oneshot::Receiver<Result<T, Error>>,
+    unanswered: Option<(Unanswered<T>, Queue)>,
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        let Some((unanswered, queue)) = self.unanswered.take() else {
+            return;
+        };
+        self.receiver.close();
+        if let Ok(Ok(value)) = self.receiver.try_recv() {
+            for op in unanswered(value) {
+                if queue.try_send(op).is_err() {
+                    tracing::warn!(
+                        "sqlite: the writer's queue is full; what an abandoned operation took stays held until its lease ends"
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -254,8 +292,23 @@ fn run(
         shared,
     };
     let mut batch = Vec::new();
-    // Blocks for the first operation, then takes whatever else is queued.
-    while queue.blocking_recv_many(&mut batch, max_batch) > 0 {
+    // What answers nobody received called for: the next batch starts with them.
+    let mut follow_ups: Vec<Box<dyn Pending>> = Vec::new();
+    loop {
+        batch.append(&mut follow_ups);
+        if batch.is_empty() {
+            // Blocks for the first operation, then takes whatever else is queued.
+            if queue.blocking_recv_many(&mut batch, max_batch) == 0 {
+                break;
+            }
+        } else {
+            while batch.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
         let outcome = apply_batch(&db, &mut batch);
         let stats = &shared.stats;
         let size = batch.len() as u64;
@@ -273,7 +326,7 @@ fn run(
             if failure.is_none() {
                 settled.extend_from_slice(op.settled());
             }
-            op.finish(failure.as_ref());
+            follow_ups.extend(op.finish(failure.as_ref()));
         }
         for id in &settled {
             shared.notifier.notify(id);
@@ -327,29 +380,86 @@ mod tests {
         })
     }
 
+    /// A handler that records the answers it gets and calls for one operation each.
+    fn handler(handled: &Arc<Mutex<Vec<u32>>>) -> Unanswered<u32> {
+        let handled = handled.clone();
+        Arc::new(move |value| {
+            handled.lock().unwrap().push(value);
+            let (reply, _) = oneshot::channel();
+            vec![applied(value + 100, reply, None)]
+        })
+    }
+
     #[test]
     fn an_answer_nobody_receives_goes_to_its_handler() {
         let handled = Arc::new(Mutex::new(Vec::new()));
-        let handler = |handled: &Arc<Mutex<Vec<u32>>>| -> Unanswered<u32> {
-            let handled = handled.clone();
-            Box::new(move |value| handled.lock().unwrap().push(value))
-        };
 
         // Received: the handler is not called.
         let (reply, mut answer) = oneshot::channel();
-        applied(1, reply, Some(handler(&handled))).finish(None);
+        let follow_ups = applied(1, reply, Some(handler(&handled))).finish(None);
         assert_eq!(answer.try_recv().unwrap().unwrap(), 1);
+        assert!(follow_ups.is_empty());
 
-        // Nobody waits: the handler gets the answer.
+        // Nobody waits: the handler gets the answer, and its operations go to the writer.
         let (reply, answer) = oneshot::channel();
         drop(answer);
-        applied(2, reply, Some(handler(&handled))).finish(None);
+        let follow_ups = applied(2, reply, Some(handler(&handled))).finish(None);
         assert_eq!(*handled.lock().unwrap(), vec![2]);
+        assert_eq!(follow_ups.len(), 1);
 
         // A plain operation whose caller went away simply stands.
         let (reply, answer) = oneshot::channel();
         drop(answer);
-        applied(3, reply, None).finish(None);
+        assert!(applied(3, reply, None).finish(None).is_empty());
         assert_eq!(*handled.lock().unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn an_answer_sent_but_never_read_goes_to_the_handler_on_the_callers_side() {
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let (queue, mut queued) = mpsc::channel(4);
+
+        // Sent, then the caller went away before reading it.
+        let (reply, receiver) = oneshot::channel();
+        let answer = Answer {
+            receiver,
+            unanswered: Some((handler(&handled), queue.clone())),
+        };
+        assert!(
+            applied(4, reply, Some(handler(&handled)))
+                .finish(None)
+                .is_empty()
+        );
+        drop(answer);
+        assert_eq!(*handled.lock().unwrap(), vec![4]);
+        assert!(queued.try_recv().is_ok(), "its operation was queued");
+
+        // Gone before the answer: the writer's side gets it, once.
+        let (reply, receiver) = oneshot::channel();
+        drop(Answer {
+            receiver,
+            unanswered: Some((handler(&handled), queue.clone())),
+        });
+        let follow_ups = applied(5, reply, Some(handler(&handled))).finish(None);
+        assert_eq!(follow_ups.len(), 1);
+        assert_eq!(*handled.lock().unwrap(), vec![4, 5]);
+        assert!(queued.try_recv().is_err());
+
+        // Read: nobody else gets it.
+        let (reply, receiver) = oneshot::channel();
+        let mut answer = Answer {
+            receiver,
+            unanswered: Some((handler(&handled), queue)),
+        };
+        assert!(
+            applied(6, reply, Some(handler(&handled)))
+                .finish(None)
+                .is_empty()
+        );
+        assert_eq!(answer.receiver.try_recv().unwrap().unwrap(), 6);
+        answer.unanswered = None;
+        drop(answer);
+        assert_eq!(*handled.lock().unwrap(), vec![4, 5]);
+        assert!(queued.try_recv().is_err());
     }
 }
