@@ -78,12 +78,24 @@ where
     T: Send + 'static,
     F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
 {
+    task_for_caller(work, None)
+}
+
+/// [`task`], with what its answer calls for if nobody receives it.
+fn task_for_caller<T, F>(
+    work: F,
+    unanswered: Option<Unanswered<T>>,
+) -> (Box<dyn Pending>, oneshot::Receiver<Result<T, Error>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
+{
     let (reply, answer) = oneshot::channel();
     let task = Task {
         work: Some(work),
         result: None,
         reply,
-        unanswered: None,
+        unanswered,
     };
     (Box::new(task), answer)
 }
@@ -211,22 +223,17 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Db<'_>) -> Result<Done<T>, Error> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
         let path = &self.shared.path;
         let queue = self
             .queue
             .as_ref()
             .ok_or_else(|| error::stopped(path, "writer thread"))?;
+        let caller_side = unanswered.clone().map(|u| (u, queue.clone()));
+        let (op, receiver) = task_for_caller(work, unanswered);
         let mut answer = Answer {
-            receiver: answer,
-            unanswered: unanswered.clone().map(|u| (u, queue.clone())),
+            receiver,
+            unanswered: caller_side,
         };
-        let op = Box::new(Task {
-            work: Some(work),
-            result: None,
-            reply,
-            unanswered,
-        });
         queue
             .send(op)
             .await
