@@ -3,7 +3,8 @@
 -- released only if it is in flight under that nonce, so only a lost claim's own; and only
 -- if that claim took a record that was free (no taken-over token): a record it took over
 -- from an earlier attempt stays in flight, as that attempt's outcome is still unknown.
--- Returns the ids released; notifies their waiters at commit.
+-- Returns the ids released with the holder nonce each was released from; notifies their
+-- waiters at commit.
 WITH clock AS (
     SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now
 ),
@@ -26,6 +27,6 @@ done AS (
     FROM clock c, lost l, locked k
     WHERE r.id = k.id AND r.id = l.id AND r.holder = l.holder AND r.state = 0
       AND r.taken_over_token IS NULL AND r.expires_at > c.now
-    RETURNING r.id
+    RETURNING r.id, l.holder
 )
-SELECT d.id, pg_notify('{{channel}}', encode(d.id, 'hex')) FROM done d
+SELECT d.id, d.holder, pg_notify('{{channel}}', encode(d.id, 'hex')) FROM done d

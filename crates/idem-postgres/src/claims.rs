@@ -285,8 +285,11 @@ impl Claimer {
         let client = self.pool.get().await.map_err(|_| unknown())?;
         let ids: Vec<&[u8]> = requests.iter().map(|r| &r.id.as_bytes()[..]).collect();
         let holders: Vec<&[u8]> = requests.iter().map(|r| &r.holder[..]).collect();
+        let statement = prepared(&client, &self.queries.claim_by_holder, "read back claims")
+            .await
+            .map_err(|_| unknown())?;
         let rows = client
-            .query(&self.queries.claim_by_holder, &[&ids, &holders])
+            .query(&statement, &[&ids, &holders])
             .await
             .map_err(|_| unknown())?;
         let mut mine = HashMap::new();

@@ -13,7 +13,7 @@ use idem_core::{Error, RecordId};
 use tokio::task::JoinHandle;
 
 use crate::queries::Queries;
-use crate::{pg_error, pool_error, row};
+use crate::{pg_error, pool_error, prepared, row};
 
 /// The shortest pause between two attempts, and the first pause while the server does not
 /// answer; that one doubles with each attempt the server does not answer, up to
@@ -70,13 +70,15 @@ pub(crate) fn start(
                             "postgres: released the records still held by claims whose answer was lost"
                         );
                     }
-                    for id in &released {
+                    for (id, _) in &released {
                         notifier.notify(id);
                     }
-                    let released: HashSet<RecordId> = released.into_iter().collect();
+                    // Settled by claim, not by id: another lost claim of the same id may
+                    // still land.
+                    let released: HashSet<(RecordId, [u8; 16])> = released.into_iter().collect();
                     let unsettled = claims
                         .into_iter()
-                        .filter(|c| !released.contains(&c.id))
+                        .filter(|c| !released.contains(&(c.id, c.holder)))
                         .filter_map(|c| c.not_found(now))
                         .collect();
                     lost.finish(taken, unsettled);
@@ -100,24 +102,31 @@ pub(crate) fn start(
     })
 }
 
-/// Runs `release_lost.sql` for `claims`; the ids it released.
+/// Runs `release_lost.sql` for `claims`: the records it released, with the holder nonce
+/// of the claim each was released from.
 async fn release(
     pool: &Pool,
     queries: &Queries,
     claims: &[LostClaim],
-) -> Result<Vec<RecordId>, Error> {
+) -> Result<Vec<(RecordId, [u8; 16])>, Error> {
     let client = pool.get().await.map_err(pool_error)?;
+    let statement = prepared(&client, &queries.release_lost, "release lost claims").await?;
     let ids: Vec<&[u8]> = claims.iter().map(|c| &c.id.as_bytes()[..]).collect();
     let holders: Vec<&[u8]> = claims.iter().map(|c| &c.holder[..]).collect();
     let rows = client
-        .query(&queries.release_lost, &[&ids, &holders])
+        .query(&statement, &[&ids, &holders])
         .await
         .map_err(|e| pg_error("release lost claims", e))?;
     rows.iter()
         .map(|row| {
             let id: &[u8] = row.try_get("id").map_err(row::decode_error)?;
-            RecordId::from_slice(id)
-                .ok_or_else(|| Error::corrupt("postgres: a record id is not 32 bytes"))
+            let holder: &[u8] = row.try_get("holder").map_err(row::decode_error)?;
+            match (RecordId::from_slice(id), <[u8; 16]>::try_from(holder)) {
+                (Some(id), Ok(holder)) => Ok((id, holder)),
+                _ => Err(Error::corrupt(
+                    "postgres: a released record's id or holder nonce has the wrong length",
+                )),
+            }
         })
         .collect()
 }
