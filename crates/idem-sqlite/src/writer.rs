@@ -228,7 +228,7 @@ impl Writer {
             .queue
             .as_ref()
             .ok_or_else(|| error::stopped(path, "writer thread"))?;
-        let caller_side = unanswered.clone().map(|u| (u, queue.clone()));
+        let caller_side = unanswered.clone().map(|u| (u, queue));
         let (op, receiver) = task_for_caller(work, unanswered);
         let mut answer = Answer {
             receiver,
@@ -255,12 +255,12 @@ impl Writer {
 /// answer was read (the caller went away), it closes the channel: an answer not sent yet
 /// then goes to the handler on the writer's side, and one already sent to the handler
 /// here, whose operations are queued.
-struct Answer<T> {
+struct Answer<'q, T> {
     receiver: oneshot::Receiver<Result<T, Error>>,
-    unanswered: Option<(Unanswered<T>, Queue)>,
+    unanswered: Option<(Unanswered<T>, &'q Queue)>,
 }
 
-impl<T> Drop for Answer<T> {
+impl<T> Drop for Answer<'_, T> {
     fn drop(&mut self) {
         let Some((unanswered, queue)) = self.unanswered.take() else {
             return;
@@ -430,7 +430,7 @@ mod tests {
         let (reply, receiver) = oneshot::channel();
         let answer = Answer {
             receiver,
-            unanswered: Some((handler(&handled), queue.clone())),
+            unanswered: Some((handler(&handled), &queue)),
         };
         assert!(
             applied(4, reply, Some(handler(&handled)))
@@ -445,7 +445,7 @@ mod tests {
         let (reply, receiver) = oneshot::channel();
         drop(Answer {
             receiver,
-            unanswered: Some((handler(&handled), queue.clone())),
+            unanswered: Some((handler(&handled), &queue)),
         });
         let follow_ups = applied(5, reply, Some(handler(&handled))).finish(None);
         assert_eq!(follow_ups.len(), 1);
@@ -456,7 +456,7 @@ mod tests {
         let (reply, receiver) = oneshot::channel();
         let mut answer = Answer {
             receiver,
-            unanswered: Some((handler(&handled), queue)),
+            unanswered: Some((handler(&handled), &queue)),
         };
         assert!(
             applied(6, reply, Some(handler(&handled)))
